@@ -1,0 +1,136 @@
+"""The `tledge` command line: options -> one library call each; no logic here.
+
+Heavy modules (torch, onnx, tensorrt) are imported inside the commands, so `tledge --help` is instant.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from tledge import __version__
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """TledgeError -> one clear line and a non-zero exit; a traceback only with --debug."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from tledge.errors import TledgeError
+        ctx = click.get_current_context()
+        debug = ctx.find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except TledgeError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc.what}", err=True)
+            if exc.fix:
+                click.echo(f"fix: {exc.fix}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="tledge")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def main(debug: bool) -> None:
+    """tledge: from a folder of labelled images to a fast, accurate model on an NVIDIA Jetson.
+
+    \b
+    tledge tune DATA --out RUN          fine-tune a head on a pretrained backbone
+    tledge predict RUN IMAGE...         top-k classes from the tuned checkpoint
+    tledge export RUN --int8 | --fp16   ONNX graphs (and TensorRT engines where TensorRT is present)
+    tledge bench RUN                    latency and accuracy of every artefact against PyTorch
+    """
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Run directory to write.")
+@click.option("--backbone", "-b", default="mobilenet_v2", show_default=True,
+              help="Backbone name (see `tledge backbones`).")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="'imagenet' (torchvision's hub cache), 'none' (random init) or a .safetensors/.pth state dict.")
+@click.option("--image-size", type=int, default=None, help="Input size (default: the weights' own, e.g. 224).")
+@click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
+@click.option("--epochs", type=int, default=100, show_default=True, help="Head epochs (early stopping on val top-1).")
+@click.option("--patience", type=int, default=20, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Head training batch size.")
+@click.option("--label-smoothing", type=float, default=0.1, show_default=True)
+@click.option("--no-balance", is_flag=True, help="Do not weight the loss by inverse class frequency.")
+@click.option("--unfreeze", type=int, default=0, show_default=True,
+              help="Also fine-tune the last N backbone stages (BatchNorm stays frozen).")
+@click.option("--ft-epochs", type=int, default=5, show_default=True)
+@click.option("--ft-lr", type=float, default=1e-4, show_default=True)
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="For DATA/<class>/* layouts: stratified share held out for validation.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Image decoding processes.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Feature cache (default $TLEDGE_CACHE_DIR or ~/.cache/tledge/features).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
+@_handle_errors
+def tune(data: Path, out: Path, backbone: str, weights: str, image_size: int | None, head: str, epochs: int,
+         patience: int, lr: float, batch_size: int, label_smoothing: float, no_balance: bool, unfreeze: int,
+         ft_epochs: int, ft_lr: float, val_fraction: float, seed: int, workers: int, cache_dir: Path | None,
+         resume: bool, overwrite: bool) -> None:
+    """Fine-tune a classification head on a pretrained BACKBONE from the ImageFolder DATA."""
+    from tledge.tune import TuneConfig, run_tune
+
+    cfg = TuneConfig(backbone=backbone, weights=weights, image_size=image_size, head=head, epochs=epochs,
+                     patience=patience, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
+                     balance=not no_balance, unfreeze=unfreeze, ft_epochs=ft_epochs, ft_lr=ft_lr,
+                     val_fraction=val_fraction, seed=seed, workers=workers,
+                     cache_dir=str(cache_dir) if cache_dir else None)
+    card = run_tune(data, out, cfg, resume=resume, overwrite=overwrite)
+    m = card["metrics"]["val"]
+    click.echo(f"val top-1 {m['top1']:.4f} on {m['n']} images; run written to {out} "
+               f"(checkpoint.safetensors, model_card.json, metrics.csv, training_curve.png) "
+               f"in {card['timing_s']['total']:.1f}s")
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", "-k", type=int, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+@_handle_errors
+def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> None:
+    """Print the top-k classes for IMAGES (files or folders) from RUN's checkpoint."""
+    from tledge.predict import format_prediction, predict_files
+
+    for res in predict_files(run, [str(p) for p in images], top_k):
+        click.echo(format_prediction(res, as_json))
+
+
+@main.command("backbones")
+def list_backbones() -> None:
+    """List the registered backbones."""
+    from tledge import backbones
+    for n in backbones.names():
+        s = backbones.get(n)
+        click.echo(f"{n:<20} features {s.feature_dim:>5}  input {s.input_size}  weights "
+                   f"{s.weights_filename or 'package'}")
+
+
+@main.group()
+def weights() -> None:
+    """Manage pretrained weights for offline machines."""
+
+
+@weights.command("add")
+@click.argument("file", type=click.Path(path_type=Path))
+@_handle_errors
+def weights_add(file: Path) -> None:
+    """Check a downloaded torchvision weights FILE and put it in torch's hub cache."""
+    from tledge.backbones import add_weights_file
+    click.echo(f"installed {add_weights_file(file)}")

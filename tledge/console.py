@@ -1,0 +1,37 @@
+"""Terminal output: one rich console (stderr for progress and notes, so stdout stays parseable)."""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def note(msg: str) -> None:
+    err.print(msg)
+
+
+def warn(msg: str) -> None:
+    err.print(f"[bold yellow]warning:[/] {msg}")
+
+
+def progress_enabled() -> bool:
+    return os.environ.get("TLEDGE_PROGRESS", "1") != "0" and sys.stderr.isatty()
+
+
+@contextmanager
+def progress() -> Iterator[Progress]:
+    """A progress display for scanning, feature extraction and epochs (silent when not a terminal)."""
+    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                 TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                 TextColumn("{task.fields[info]}"), console=err, transient=False,
+                 disable=not progress_enabled())
+    with p:
+        yield p

@@ -1,0 +1,220 @@
+"""ImageFolder scanning and validation, stratified splits, and the dataset that feeds training.
+
+The scan decodes every image once before any work starts, so a bad file is reported up front and never
+crashes a run half-way; it also records each file's content hash, which keys the feature cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from tledge.console import progress, warn
+from tledge.errors import DataError
+from tledge.preprocess import ImageLoadError, decode_image
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+              ".pbm", ".jfif"}
+UNUSABLE = ("zero-byte", "truncated", "not-an-image", "unreadable")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+    sha256: str
+
+
+@dataclass
+class ScanReport:
+    """What the scan found; ``summary()`` goes into the model card."""
+
+    root: str
+    layout: str                       # "train/val" or "split"
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    problems: list[dict[str, str]] = field(default_factory=list)   # unusable files (excluded)
+    ignored: list[dict[str, str]] = field(default_factory=list)    # hidden, non-image, empty folders
+    converted: dict[str, int] = field(default_factory=dict)        # usable oddities and their counts
+    val_fraction: float | None = None
+    seed: int | None = None
+
+    def counts(self, split: str) -> dict[str, int]:
+        c = Counter(s.label for s in getattr(self, split))
+        return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "root": self.root, "layout": self.layout, "classes": self.classes,
+            "train_counts": self.counts("train"), "val_counts": self.counts("val"),
+            "problems": self.problems, "ignored": self.ignored, "converted": self.converted,
+            "val_fraction": self.val_fraction, "seed": self.seed,
+        }
+
+    def identity(self) -> str:
+        """Hash of the file list and contents, labels and splits."""
+        h = hashlib.sha256()
+        for split in ("train", "val"):
+            for s in getattr(self, split):
+                h.update(f"{split}\0{s.label}\0{s.sha256}\n".encode())
+        h.update("\0".join(self.classes).encode())
+        return h.hexdigest()
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "Thumbs.db" or name == "desktop.ini"
+
+
+def _probe(path: str) -> tuple[str, str | None, str | None, tuple[str, str] | None]:
+    """(path, sha256, converted oddity, (problem kind, message) or None) for one file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return path, None, None, ("unreadable", str(exc))
+    try:
+        _, kind = decode_image(data, path)
+    except ImageLoadError as err:
+        return path, None, None, (err.kind, err.message)
+    return path, hashlib.sha256(data).hexdigest(), kind, None
+
+
+def _list_class_dir(folder: Path, ignored: list[dict[str, str]]) -> list[str]:
+    files: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for name in sorted(filenames):
+            p = os.path.join(dirpath, name)
+            if _is_hidden(name):
+                ignored.append({"path": p, "kind": "hidden"})
+            elif Path(name).suffix.lower() not in IMAGE_EXTS:
+                ignored.append({"path": p, "kind": "non-image-extension"})
+            else:
+                files.append(p)
+    return files
+
+
+def _class_dirs(root: Path, ignored: list[dict[str, str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for entry in sorted(root.iterdir()):
+        if _is_hidden(entry.name):
+            ignored.append({"path": str(entry), "kind": "hidden"})
+        elif entry.is_dir():
+            files = _list_class_dir(entry, ignored)
+            if files:
+                out[entry.name] = files
+            else:
+                ignored.append({"path": str(entry), "kind": "empty-class-folder"})
+        else:
+            ignored.append({"path": str(entry), "kind": "file-outside-class-folder"})
+    return out
+
+
+def scan(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0, workers: int | None = None,
+         ) -> ScanReport:
+    """Scan an ImageFolder (``root/train/<class>``, ``root/val/<class>``, or ``root/<class>`` split by a
+    seeded stratified ``val_fraction``), decode every image, and stop on fatal problems."""
+    root_p = Path(root)
+    if not root_p.is_dir():
+        raise DataError(f"dataset folder {root_p} does not exist or is not a folder.",
+                        "pass a folder laid out as DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/*.")
+    ignored: list[dict[str, str]] = []
+    has_split = (root_p / "train").is_dir() and (root_p / "val").is_dir()
+    if has_split:
+        train_dirs = _class_dirs(root_p / "train", ignored)
+        val_dirs = _class_dirs(root_p / "val", ignored)
+        for other in sorted(root_p.iterdir()):
+            if other.name not in ("train", "val"):
+                ignored.append({"path": str(other), "kind": "outside-train-val"})
+    else:
+        train_dirs, val_dirs = _class_dirs(root_p, ignored), {}
+    classes = sorted(train_dirs)
+    if len(classes) < 2:
+        where = root_p / "train" if has_split else root_p
+        raise DataError(f"{where} has {len(classes)} class folder(s) with images ({', '.join(classes) or 'none'}); "
+                        "a classifier needs at least 2.",
+                        f"put each class's images in its own sub-folder of {where}.")
+    missing = sorted(set(val_dirs) - set(train_dirs))
+    if missing:
+        raise DataError(f"validation classes {missing} in {root_p / 'val'} have no training images in "
+                        f"{root_p / 'train'}.", "add training images for them or remove them from val/.")
+
+    all_files = [(p, "train", name) for name in classes for p in train_dirs[name]]
+    all_files += [(p, "val", name) for name in sorted(val_dirs) for p in val_dirs[name]]
+    problems: list[dict[str, str]] = []
+    converted: Counter[str] = Counter()
+    ok: dict[str, str] = {}
+    with progress() as prog, ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as ex:
+        task = prog.add_task("scan", total=len(all_files), info="")
+        for path, digest, kind, problem in ex.map(_probe, [f[0] for f in all_files], chunksize=16):
+            prog.advance(task)
+            if problem:
+                problems.append({"path": path, "kind": problem[0], "message": problem[1]})
+            else:
+                ok[path] = digest  # type: ignore[assignment]
+                if kind:
+                    converted[kind] += 1
+    index = {c: i for i, c in enumerate(classes)}
+    train = [Sample(p, index[c], ok[p]) for p, split, c in all_files if split == "train" and p in ok]
+    val = [Sample(p, index[c], ok[p]) for p, split, c in all_files if split == "val" and p in ok]
+    report = ScanReport(str(root_p), "train/val" if has_split else "split", classes, train, val,
+                        problems, ignored, dict(converted))
+    if not has_split:
+        report.train, report.val = stratified_split(train, val_fraction, seed)
+        report.val_fraction, report.seed = val_fraction, seed
+    empty = [c for c, n in report.counts("train").items() if n == 0]
+    if empty:
+        raise DataError(f"classes {empty} have no usable training images (see the problems listed above).",
+                        "replace the broken files or remove those class folders.")
+    if not report.val:
+        raise DataError(f"{root_p} gives an empty validation split.",
+                        "add images to val/ or raise --val-fraction.")
+    for c, n in report.counts("val").items():
+        if n == 0:
+            warn(f"class '{c}' has no validation images; its accuracy cannot be measured.")
+    return report
+
+
+def stratified_split(samples: Iterable[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Per class, a seeded shuffle then ``round(n * val_fraction)`` images to val (at least one when the
+    class has two or more)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction} is outside (0, 1).", "pass e.g. --val-fraction 0.2.")
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    train: list[Sample] = []
+    val: list[Sample] = []
+    for label in sorted(by_class):
+        items = sorted(by_class[label], key=lambda s: s.path)
+        random.Random(f"{seed}:{label}").shuffle(items)
+        k = int(round(len(items) * val_fraction))
+        k = max(1, k) if len(items) >= 2 else 0
+        val += items[:k]
+        train += items[k:]
+    return train, val
+
+
+def format_report(report: ScanReport, limit: int = 20) -> str:
+    """Human-readable scan summary: per-class counts and every problem (up to ``limit`` lines each)."""
+    lines = [f"dataset {report.root} ({report.layout}): {len(report.classes)} classes, "
+             f"{len(report.train)} train / {len(report.val)} val images"]
+    tc, vc = report.counts("train"), report.counts("val")
+    width = max(len(c) for c in report.classes)
+    for c in report.classes:
+        lines.append(f"  {c:<{width}}  train {tc[c]:>6}  val {vc[c]:>6}")
+    if report.converted:
+        lines.append("  converted: " + ", ".join(f"{k} {v}" for k, v in sorted(report.converted.items())))
+    for title, items in (("unusable files (skipped)", report.problems), ("ignored", report.ignored)):
+        if items:
+            lines.append(f"  {title}: {len(items)}")
+            for it in items[:limit]:
+                lines.append(f"    {it['kind']:<26} {it['path']}" + (f"  ({it['message']})" if it.get("message") else ""))
+            if len(items) > limit:
+                lines.append(f"    ... and {len(items) - limit} more (all listed in the model card)")
+    return "\n".join(lines)
