@@ -213,7 +213,7 @@ def resolve_weights_file(spec: BackboneSpec, download: bool = True) -> Path:
     path = folder / spec.weights_filename
     if path.is_file():
         return path
-    if download:
+    if download and os.environ.get("TLEDGE_OFFLINE", "0") in ("", "0"):
         torch = optional_import("torch")
         try:
             torch.hub.load_state_dict_from_url(spec.weights_url, progress=True, check_hash=True,

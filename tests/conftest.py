@@ -1,0 +1,64 @@
+"""Shared fixtures: small real-image datasets, isolated caches, and automatic gpu/tensorrt skips."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION = ROOT / "data" / "fashion-mnist"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    has_gpu = False
+    try:
+        import torch
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        pass
+    for item in items:
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="TensorRT is not installed"))
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="no CUDA GPU"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets its own feature cache and no progress bars; downloads are off."""
+    monkeypatch.setenv("TLEDGE_CACHE_DIR", str(tmp_path_factory.mktemp("featcache")))
+    monkeypatch.setenv("TLEDGE_PROGRESS", "0")
+    monkeypatch.setenv("TLEDGE_OFFLINE", "1")
+
+
+def make_subset(dest: Path, classes: int = 3, train: int = 12, val: int = 4) -> Path:
+    """A small ImageFolder of real Fashion-MNIST images copied from the embedded default."""
+    names = sorted(p.name for p in (FASHION / "train").iterdir() if p.is_dir())[:classes]
+    for split, n in (("train", train), ("val", val)):
+        for c in names:
+            out = dest / split / c
+            out.mkdir(parents=True)
+            for f in sorted((FASHION / split / c).iterdir())[:n]:
+                shutil.copy(f, out / f.name)
+    return dest
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    return make_subset(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights_available() -> bool:
+    import torch
+    return (Path(torch.hub.get_dir()) / "checkpoints" / "mobilenet_v2-b0353104.pth").is_file()
+
+
+def tledge_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["TLEDGE_PROGRESS"] = "0"
+    return env
