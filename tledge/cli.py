@@ -49,6 +49,8 @@ def main(debug: bool) -> None:
     tledge export RUN --int8 | --fp16   ONNX graphs (and TensorRT engines where TensorRT is present)
     tledge bench RUN                    latency and accuracy of every artefact against PyTorch
     """
+    from tledge.perf import tune_allocator
+    tune_allocator()
 
 
 @main.command()

@@ -376,22 +376,23 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
                      "preprocess": pre.to_dict(), "dtype": "float32"}
         cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), cache_key)
         t_feat = time.perf_counter()
+        # One pass over train and val together: one loader start-up and no pipeline drain in between.
+        everything = report.train + report.val
+        all_feats, fstat = extract(model, everything, pre, cache, cfg.extract_batch_size, cfg.workers,
+                                   label="features")
+        if fstat["failed"]:
+            # Files that changed after the scan: drop them, and say so.
+            bad = set(fstat["failed_shas"])
+            warn(f"{fstat['failed']} images could not be decoded any more and were skipped: "
+                 + ", ".join(s.path for s in everything if s.sha256 in bad)[:2000])
         feats = {}
-        fstats = {}
-        for split in ("train", "val"):
-            samples = getattr(report, split)
-            feats[split], fstats[split] = extract(model, samples, pre, cache, cfg.extract_batch_size,
-                                                  cfg.workers, label=f"features {split}")
-            if fstats[split]["failed"]:
-                # Files that changed after the scan: drop them, and say so.
-                bad = set(fstats[split]["failed_shas"])
-                keep = [i for i, s in enumerate(samples) if s.sha256 not in bad]
-                warn(f"{fstats[split]['failed']} {split} images could not be decoded any more and were skipped.")
-                setattr(report, split, [samples[i] for i in keep])
-                feats[split] = feats[split][keep]
+        n_tr = len(report.train)
+        for split, part, rows in (("train", report.train, all_feats[:n_tr]), ("val", report.val, all_feats[n_tr:])):
+            keep = [i for i, s in enumerate(part) if s.sha256 not in set(fstat["failed_shas"])]
+            setattr(report, split, [part[i] for i in keep])
+            feats[split] = rows[keep]
         t_feat = time.perf_counter() - t_feat
-        note(f"features: {sum(s['computed'] for s in fstats.values())} computed, "
-             f"{sum(s['cached'] for s in fstats.values())} from cache ({cache.dir}) in {t_feat:.1f}s")
+        note(f"features: {fstat['computed']} computed, {fstat['cached']} from cache ({cache.dir}) in {t_feat:.1f}s")
 
         ytr = np.array([s.label for s in report.train])
         yva = np.array([s.label for s in report.val])
@@ -442,8 +443,7 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
                          "finetune": ft_summary, "seed": cfg.seed},
             "metrics": {"val": val_metrics, "train_top1": train_acc},
             "timing_s": {"total": round(wall, 3), "features": round(t_feat, 3), "head": round(t_head, 3)},
-            "feature_cache": {"dir": str(cache.dir), **{s: {k2: v for k2, v in st.items() if k2 != "failed_shas"}
-                                                       for s, st in fstats.items()}},
+            "feature_cache": {"dir": str(cache.dir), **{k2: v for k2, v in fstat.items() if k2 != "failed_shas"}},
             "dataset": report.summary(),
             "dataset_sha256": report.identity(),
             "versions": _versions(),

@@ -53,12 +53,12 @@ def test_tune_end_to_end_writes_a_complete_run(tiny_data: Path, tmp_path: Path) 
 def test_second_tune_reuses_feature_cache(tiny_data: Path, tmp_path: Path) -> None:
     a = run_tune(tiny_data, tmp_path / "a", TuneConfig(**FAST))
     b = run_tune(tiny_data, tmp_path / "b", TuneConfig(**FAST))
-    assert a["feature_cache"]["train"]["computed"] == 36 and a["feature_cache"]["train"]["cached"] == 0
-    assert b["feature_cache"]["train"]["computed"] == 0 and b["feature_cache"]["train"]["cached"] == 36
+    assert a["feature_cache"]["computed"] == 48 and a["feature_cache"]["cached"] == 0
+    assert b["feature_cache"]["computed"] == 0 and b["feature_cache"]["cached"] == 48
     assert b["metrics"]["val"]["top1"] == a["metrics"]["val"]["top1"]
     # another input size is another key: nothing reused
     c = run_tune(tiny_data, tmp_path / "c", TuneConfig(**{**FAST, "image_size": 72}))
-    assert c["feature_cache"]["train"]["cached"] == 0
+    assert c["feature_cache"]["cached"] == 0
 
 
 def test_finished_run_is_not_overwritten_without_flag(tiny_data: Path, tmp_path: Path) -> None:
