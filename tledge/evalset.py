@@ -1,0 +1,71 @@
+"""A set of images preprocessed once (with the model card's recipe) and reused by every runner that is
+checked or benchmarked on it, so the comparison sees identical input tensors."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from tledge.console import progress
+from tledge.data import Sample
+from tledge.preprocess import Preprocess
+
+
+class EvalSet:
+    """Preprocessed inputs (float32 NCHW, in a temporary memory-mapped file) and their labels."""
+
+    def __init__(self, samples: Sequence[Sample], pre: Preprocess, workers: int = 2, label: str = "preprocess") -> None:
+        from torch.utils.data import DataLoader
+
+        from tledge.features import ImageDataset
+
+        self.samples = list(samples)
+        self.labels = np.array([s.label for s in self.samples], np.int64)
+        self._dir = tempfile.TemporaryDirectory(prefix="tledge-eval-")
+        shape = (len(self.samples), *pre.input_shape)
+        self.x = np.lib.format.open_memmap(os.path.join(self._dir.name, "x.npy"), mode="w+", dtype=np.float32,
+                                           shape=shape) if self.samples else np.zeros(shape, np.float32)
+        self.ok = np.ones(len(self.samples), bool)
+        loader = DataLoader(ImageDataset(self.samples, pre), batch_size=64, num_workers=workers)
+        with progress() as prog:
+            task = prog.add_task(label, total=len(self.samples), info="")
+            for xb, _, idx, ok in loader:
+                self.x[idx.numpy()] = xb.numpy()
+                self.ok[idx.numpy()] = ok.numpy()
+                prog.advance(task, len(idx))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batches(self, batch: int) -> Iterator[np.ndarray]:
+        for i in range(0, len(self.samples), batch):
+            yield np.ascontiguousarray(self.x[i:i + batch])
+
+    def close(self) -> None:
+        self.x = np.zeros((0,), np.float32)
+        self._dir.cleanup()
+
+    def __enter__(self) -> "EvalSet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_logits(infer, evalset: EvalSet, batch: int = 32) -> np.ndarray:
+    """Logits of ``infer`` (a callable on float32 NCHW batches) over the whole set."""
+    out = [np.asarray(infer(x), np.float32) for x in evalset.batches(batch)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def compare(logits: np.ndarray, ref: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1 of both, agreement of top-1 predictions and max absolute logit difference."""
+    top1 = float((logits.argmax(1) == labels).mean())
+    ref_top1 = float((ref.argmax(1) == labels).mean())
+    return {"n": int(len(labels)), "top1": top1, "ref_top1": ref_top1,
+            "drop_points": round((ref_top1 - top1) * 100, 4),
+            "top1_agreement": float((logits.argmax(1) == ref.argmax(1)).mean()),
+            "max_abs_logit_diff": float(np.abs(logits - ref).max()) if len(ref) else 0.0}

@@ -1,0 +1,1 @@
+"""`tledge export`: ONNX, FP16 and INT8 graphs, and TensorRT engines."""

@@ -1,0 +1,277 @@
+"""INT8 Q/DQ graphs in two forms, from an FP32 ONNX graph and calibration statistics.
+
+``tensorrt`` form (explicit quantization as TensorRT 8.5-11 builds it): QuantizeLinear/DequantizeLinear
+on the inputs of Conv, Gemm/MatMul and Add; signed INT8, zero-point 0 everywhere, per-tensor
+activation scales, per-channel weight scales on the output-channel axis, float bias (TensorRT fuses the
+pairs into INT8 kernels; NVIDIA TensorRT developer guide, "Explicit Quantization").
+
+``cpu`` form (onnxruntime's CPU kernels): unsigned asymmetric activations, signed symmetric per-channel
+weights, int32 bias, and a Q/DQ pair also on the outputs of quantized operators, so onnxruntime fuses
+DQ -> Conv -> (Relu|Clip) -> Q into QLinearConv (as onnxruntime's own QDQ quantizer lays them out).
+
+Layers named in ``exclude`` stay in floating point (the accuracy gate's fallback).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tledge.export.calibrate import TensorStats, compute_range
+
+WEIGHTED = {"Conv", "Gemm", "MatMul"}
+ACT_OPS_BOTH = {"Add"}
+CPU_EXTRA = {"GlobalAveragePool", "AveragePool", "MaxPool"}
+PASS_THROUGH_ACT = {"Relu", "Clip"}
+
+
+@dataclass(frozen=True)
+class Form:
+    name: str
+    signed: bool                 # int8 (True) or uint8 (False) activations
+    symmetric: bool
+    quantize_outputs: bool
+    quantize_bias: bool
+    extra_ops: frozenset[str] = frozenset()
+
+
+FORMS = {
+    "tensorrt": Form("tensorrt", signed=True, symmetric=True, quantize_outputs=False, quantize_bias=False),
+    "cpu": Form("cpu", signed=False, symmetric=False, quantize_outputs=True, quantize_bias=True,
+                extra_ops=frozenset(CPU_EXTRA)),
+}
+
+
+def _onnx() -> Any:
+    import onnx
+    return onnx
+
+
+def quantizable_nodes(model: Any, form: Form) -> list[str]:
+    """Names of the nodes the form quantizes (weighted ops with initializer weights, Adds of two
+    activations, and for the CPU form pooling)."""
+    inits = {i.name for i in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in inits:
+            out.append(n.name)
+        elif n.op_type in ACT_OPS_BOTH and all(i not in inits for i in n.input):
+            out.append(n.name)
+        elif n.op_type in form.extra_ops:
+            out.append(n.name)
+    return out
+
+
+def ensure_node_names(model: Any) -> Any:
+    seen: set[str] = set()
+    for i, n in enumerate(model.graph.node):
+        if not n.name or n.name in seen:
+            n.name = f"{n.op_type}_{i}"
+        seen.add(n.name)
+    return model
+
+
+def activation_tensors(model: Any) -> list[str]:
+    """Every float activation tensor (graph input and node outputs), the candidates for calibration."""
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    for n in model.graph.node:
+        names += [o for o in n.output if o]
+    return names
+
+
+def _act_qparams(st: TensorStats, form: Form, method: str, percentile: float) -> tuple[float, int]:
+    lo, hi = compute_range(st, method, form.symmetric, percentile)
+    if form.symmetric:
+        t = max(abs(lo), abs(hi), 1e-8)
+        return t / 127.0, 0
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / 255.0, 1e-8)
+    zp = int(np.clip(round(-lo / scale), 0, 255))
+    return scale, zp
+
+
+def weight_scales(w: np.ndarray, axis: int) -> np.ndarray:
+    """Per-channel symmetric scales (narrow range, +-127) along ``axis``."""
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.abs(w).max(axis=red) if red else np.abs(w)
+    return np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+
+
+def quantize_weight(w: np.ndarray, axis: int, scales: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    s = weight_scales(w, axis) if scales is None else scales
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / s.reshape(shape)), -127, 127).astype(np.int8)
+    return q, s
+
+
+def _weight_axis(node: Any) -> int:
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if node.op_type == "MatMul":
+        return 1
+    return 0  # Conv: (out, in/groups, kh, kw)
+
+
+def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, method: str,
+                   percentile: float = 99.99, exclude: frozenset[str] | set[str] = frozenset(),
+                   weight_overrides: dict[str, np.ndarray] | None = None) -> Any:
+    """A Q/DQ copy of ``fp32`` in the given form. ``weight_overrides`` maps a weight initializer name to
+    its already-rounded INT8 values (learned rounding); scales stay the per-channel max rule."""
+    onnx = _onnx()
+    from onnx import TensorProto, helper, numpy_helper
+
+    form = FORMS[form_name]
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32)
+    ensure_node_names(model)
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list[tuple[Any, int]]] = {}
+    producer: dict[str, Any] = {}
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            consumers.setdefault(i, []).append((n, k))
+        for o in n.output:
+            producer[o] = n
+    qnodes = set(quantizable_nodes(model, form)) - set(exclude)
+    graph_outputs = {o.name for o in g.output}
+
+    # 1. which (tensor -> consumer inputs) get a Q/DQ pair
+    wants: dict[str, list[tuple[Any, int]]] = {}
+    for n in g.node:
+        if n.name not in qnodes:
+            continue
+        idxs = [0] if n.op_type in WEIGHTED or n.op_type in form.extra_ops else range(len(n.input))
+        for k in idxs:
+            t = n.input[k]
+            if t and t not in inits:
+                wants.setdefault(t, []).append((n, k))
+    if form.quantize_outputs:
+        for n in g.node:
+            if n.name not in qnodes:
+                continue
+            t = n.output[0]
+            cons = consumers.get(t, [])
+            if len(cons) == 1 and cons[0][0].op_type in PASS_THROUGH_ACT:
+                t = cons[0][0].output[0]
+            if t in graph_outputs:
+                continue
+            for c in consumers.get(t, []):
+                if (c[0], c[1]) not in [(x[0], x[1]) for x in wants.get(t, [])]:
+                    wants.setdefault(t, []).append(c)
+
+    new_inits: list[Any] = []
+    qdq_after: dict[str, list[Any]] = {}   # producer output -> nodes to emit right after it
+    head_nodes: list[Any] = []             # Q/DQ of graph inputs and weight DQs
+    act_scale: dict[str, float] = {}
+    qdtype = TensorProto.INT8 if form.signed else TensorProto.UINT8
+    for t, cons in wants.items():
+        if t not in stats:
+            raise KeyError(f"no calibration statistics for tensor {t!r}")
+        scale, zp = _act_qparams(stats[t], form, method, percentile)
+        act_scale[t] = scale
+        s_name, z_name = f"{t}__scale", f"{t}__zp"
+        new_inits.append(numpy_helper.from_array(np.array(scale, np.float32), s_name))
+        new_inits.append(helper.make_tensor(z_name, qdtype, [], [zp]))
+        q = helper.make_node("QuantizeLinear", [t, s_name, z_name], [f"{t}__q"], name=f"{t}__Q")
+        dq = helper.make_node("DequantizeLinear", [f"{t}__q", s_name, z_name], [f"{t}__dq"], name=f"{t}__DQ")
+        (qdq_after.setdefault(t, []) if t in producer else head_nodes).extend([q, dq])
+        for node, k in cons:
+            node.input[k] = f"{t}__dq"
+
+    # 2. weights (per-channel) and, for the CPU form, int32 bias
+    for n in g.node:
+        if n.name not in qnodes or n.op_type not in WEIGHTED:
+            continue
+        wname = n.input[1]
+        w = numpy_helper.to_array(inits[wname]).astype(np.float32)
+        axis = _weight_axis(n)
+        if weight_overrides and wname in weight_overrides:
+            wq = weight_overrides[wname]
+            ws = weight_scales(w, axis)
+        else:
+            wq, ws = quantize_weight(w, axis)
+        base = f"{wname}__{n.name}"
+        new_inits += [numpy_helper.from_array(wq, f"{base}__q"), numpy_helper.from_array(ws, f"{base}__wscale"),
+                      numpy_helper.from_array(np.zeros(len(ws), np.int8), f"{base}__wzp")]
+        head_nodes.append(helper.make_node("DequantizeLinear", [f"{base}__q", f"{base}__wscale", f"{base}__wzp"],
+                                           [f"{base}__dq"], name=f"{base}__DQ", axis=axis))
+        n.input[1] = f"{base}__dq"
+        if form.quantize_bias and len(n.input) > 2 and n.input[2] in inits:
+            in_t = n.input[0][: -len("__dq")] if n.input[0].endswith("__dq") else None
+            if in_t in act_scale:
+                b = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64)
+                bs = (act_scale[in_t] * ws.astype(np.float64))
+                bq = np.clip(np.round(b / bs), -(2**31), 2**31 - 1).astype(np.int32)
+                bname = f"{n.input[2]}__{n.name}"
+                new_inits += [numpy_helper.from_array(bq, f"{bname}__q"),
+                              numpy_helper.from_array(bs.astype(np.float32), f"{bname}__bscale"),
+                              numpy_helper.from_array(np.zeros(len(bs), np.int32), f"{bname}__bzp")]
+                head_nodes.append(helper.make_node("DequantizeLinear", [f"{bname}__q", f"{bname}__bscale", f"{bname}__bzp"],
+                                                   [f"{bname}__dq"], name=f"{bname}__DQ", axis=0))
+                n.input[2] = f"{bname}__dq"
+
+    nodes = list(head_nodes)
+    for n in g.node:
+        nodes.append(n)
+        for o in n.output:
+            nodes.extend(qdq_after.get(o, []))
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(new_inits)
+    # drop float weights no longer used
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    del g.value_info[:]
+    onnx.checker.check_model(model)
+    return model
+
+
+def check_tensorrt_qdq(model: Any) -> list[str]:
+    """Problems that keep a graph from being a valid TensorRT explicit-quantization graph: every
+    quantizer symmetric INT8 with zero-point 0, activations per-tensor, weights per-channel on the
+    output-channel axis. Returns an empty list for a valid graph."""
+    from onnx import TensorProto, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    problems: list[str] = []
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    n_q = 0
+    for n in model.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        n_q += 1
+        if len(n.input) < 3 or n.input[2] not in inits:
+            problems.append(f"{n.name}: no explicit zero-point")
+            continue
+        zp = inits[n.input[2]]
+        if zp.data_type != TensorProto.INT8:
+            problems.append(f"{n.name}: zero-point type {TensorProto.DataType.Name(zp.data_type)}, not INT8")
+        if np.any(numpy_helper.to_array(zp) != 0):
+            problems.append(f"{n.name}: non-zero zero-point")
+        scale = numpy_helper.to_array(inits[n.input[1]])
+        if np.any(scale <= 0):
+            problems.append(f"{n.name}: non-positive scale")
+        is_weight = n.op_type == "DequantizeLinear" and n.input[0] in inits
+        if is_weight:
+            w = numpy_helper.to_array(inits[n.input[0]])
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            user = consumers.get(n.output[0], [None])[0]
+            want_axis = _weight_axis(user) if user is not None else 0
+            if scale.ndim != 1 or scale.shape[0] != w.shape[want_axis] or axis != want_axis:
+                problems.append(f"{n.name}: weights not per-channel on the output-channel axis "
+                                f"(scale shape {scale.shape}, axis {axis}, weight shape {w.shape})")
+        elif scale.ndim != 0:
+            problems.append(f"{n.name}: activation scale is not per-tensor (shape {scale.shape})")
+    if n_q == 0:
+        problems.append("no Q/DQ nodes: the graph is not quantized")
+    return problems
