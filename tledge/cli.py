@@ -114,6 +114,55 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
         click.echo(format_prediction(res, as_json))
 
 
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--int8", is_flag=True, help="INT8 graphs (TensorRT and CPU forms), calibrated on real images.")
+@click.option("--fp16", is_flag=True, help="FP16 graph.")
+@click.option("--form", "forms", multiple=True, type=click.Choice(["tensorrt", "cpu"]),
+              help="INT8 forms to write (default: both).")
+@click.option("--method", default="auto", show_default=True,
+              help="Calibration: auto (closest to FP32 on calibration images), minmax, percentile, entropy, mse.")
+@click.option("--percentile", type=float, default=99.99, show_default=True)
+@click.option("--calib", default="auto", show_default=True,
+              help="Calibration images: auto (the shipped set for the embedded default, else a stratified "
+                   "sample of the training split), train, or a folder of images. Never the val split.")
+@click.option("--calib-count", type=int, default=512, show_default=True)
+@click.option("--max-drop", type=float, default=1.0, show_default=True,
+              help="Largest top-1 loss (points, val split, against PyTorch) an INT8 graph may have.")
+@click.option("--no-fallback", is_flag=True, help="Fail instead of keeping sensitive layers in float.")
+@click.option("--engine", type=click.Choice(["fp16", "int8"]), default=None,
+              help="Build this TensorRT engine (fails without TensorRT).")
+@click.option("--batch", default="1,8,32", show_default=True, help="Engine batch profile min,opt,max.")
+@click.option("--workspace", type=int, default=1024, show_default=True, help="Engine workspace limit (MiB).")
+@click.option("--dla-core", type=int, default=None, help="Build for this DLA core (Jetson), GPU fallback on.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="TensorRT timing cache file, reused across builds (default RUN/timing.cache).")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--simplify", is_flag=True, help="Simplify the FP32 graph with onnxslim (kept only if the check stays green).")
+@click.option("--threads", type=int, default=None, help="onnxruntime threads for checks (default: all cores).")
+@_handle_errors
+def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: str, percentile: float, calib: str,
+           calib_count: int, max_drop: float, no_fallback: bool, engine: str | None, batch: str, workspace: int,
+           dla_core: int | None, timing_cache: Path | None, opset: int, simplify: bool, threads: int | None) -> None:
+    """Export RUN as ONNX (checked against PyTorch), FP16/INT8 graphs and TensorRT engines."""
+    from tledge.export.pipeline import ExportConfig, run_export
+    from tledge.export.tensorrt import parse_batch
+
+    cfg = ExportConfig(fp16=fp16, int8=int8, forms=forms or ("tensorrt", "cpu"), method=method,
+                       percentile=percentile, calib=calib, calib_count=calib_count, max_drop=max_drop,
+                       fallback=not no_fallback, engine=engine, batch=parse_batch(batch), workspace_mib=workspace,
+                       dla_core=dla_core, timing_cache=str(timing_cache) if timing_cache else None, opset=opset,
+                       simplify=simplify, threads=threads)
+    m = run_export(run, cfg)
+    for name, art in m["artefacts"].items():
+        chk = m["checks"].get(name, {})
+        res = chk.get("final", chk)
+        acc = f"val top-1 {res['top1']:.4f} (drop {res['drop_points']:.2f} pt)" if "top1" in res else ""
+        click.echo(f"{name:<14} {', '.join(art['files']):<28} {art['bytes'] / 1e6:7.2f} MB  {acc}")
+    for prec, e in m.get("engines", {}).items():
+        click.echo(f"engine {prec:<7} " + (e["engine"] if e.get("built") else "not built here (built on the device)"))
+
+
 @main.command("backbones")
 def list_backbones() -> None:
     """List the registered backbones."""

@@ -1,0 +1,376 @@
+"""`tledge export RUN`: FP32 ONNX (checked against PyTorch), FP16 and INT8 graphs (both forms, gated on
+accuracy), and TensorRT engines where TensorRT is present. Writes RUN/export_manifest.json.
+
+Artefacts (all in the run directory, each written atomically):
+  model.onnx              FP32, dynamic batch, class names and preprocessing in its metadata
+  model.fp16.onnx         FP16 weights and compute, FP32 input/output
+  model.int8.trt.onnx     INT8 Q/DQ, TensorRT explicit-quantization form
+  model.int8.cpu.onnx     INT8 Q/DQ, onnxruntime CPU form
+  calib/                  calibration statistics cache (keyed) and calibration.json (the ranges)
+  model.<precision>.engine + .engine.json   TensorRT engine and its sidecar manifest
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+import tledge
+from tledge import card as card_mod
+from tledge.console import note, progress, warn
+from tledge.data import IMAGE_EXTS, Sample, scan, stratified_split
+from tledge.errors import AccuracyError, DataError, UsageError
+from tledge.evalset import EvalSet, compare, run_logits
+from tledge.export import calibrate as cal
+from tledge.export import onnx as onnx_io
+from tledge.export.quantize import FORMS, activation_tensors, check_tensorrt_qdq, quantizable_nodes, quantize_model
+from tledge.fsutil import read_json, sha256_file, sha256_json, write_json
+
+REPO_CALIBRATION = Path(__file__).resolve().parents[2] / "calibration"
+FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8-tensorrt": "model.int8.trt.onnx",
+         "int8-cpu": "model.int8.cpu.onnx"}
+MANIFEST = "export_manifest.json"
+
+
+@dataclass
+class ExportConfig:
+    fp16: bool = False
+    int8: bool = False
+    forms: tuple[str, ...] = ("tensorrt", "cpu")
+    method: str = "auto"                  # auto | minmax | percentile | entropy | mse
+    percentile: float = 99.99
+    calib: str = "auto"                   # auto | train | a folder of images
+    calib_count: int = 512
+    max_drop: float = 1.0                 # top-1 points on val against PyTorch
+    fallback: bool = True                 # keep sensitive layers in float to meet max_drop
+    max_fallback_fraction: float = 0.25
+    engine: str | None = None             # None | fp16 | int8 (explicit: fail without TensorRT)
+    auto_engine: bool = True              # build engines for the asked precisions when TensorRT is here
+    batch: tuple[int, int, int] = (1, 8, 32)
+    workspace_mib: int = 1024
+    dla_core: int | None = None
+    timing_cache: str | None = None
+    opset: int = 17
+    simplify: bool = False
+    threads: int | None = None
+    fp32_tol: float = 1e-3
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+def _image_files(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def calibration_samples(card: dict[str, Any], cfg: ExportConfig, val: Sequence[Sample]) -> tuple[list[Sample], str]:
+    """The calibration images and a description of where they came from; never the val split."""
+    import hashlib
+
+    def from_folder(folder: Path) -> list[Sample]:
+        files = _image_files(folder)
+        if not files:
+            raise DataError(f"calibration folder {folder} holds no images.",
+                            f"put images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}, or pass --calib train.")
+        return [Sample(f, -1, hashlib.sha256(Path(f).read_bytes()).hexdigest()) for f in files]
+
+    src = cfg.calib
+    if src == "auto":
+        shipped = REPO_CALIBRATION / Path(card["dataset"]["root"]).name
+        src = str(shipped) if shipped.is_dir() else "train"
+    if src == "train":
+        rep = scan(card["dataset"]["root"], card["dataset"].get("val_fraction") or 0.2,
+                   card["dataset"].get("seed") or 0)
+        frac = min(0.999, cfg.calib_count / max(1, len(rep.train)))
+        pool = rep.train if frac >= 0.999 else stratified_split(rep.train, frac, 1234)[1]
+        samples, where = pool, f"stratified sample of the training split of {card['dataset']['root']}"
+    else:
+        folder = Path(src)
+        if not folder.is_dir():
+            raise DataError(f"--calib {folder} is not a folder.", "pass a folder of images, 'train' or 'auto'.")
+        samples, where = from_folder(folder), str(folder)
+    val_shas = {s.sha256 for s in val}
+    overlap = [s.path for s in samples if s.sha256 in val_shas]
+    if overlap:
+        raise DataError(f"{len(overlap)} calibration images are validation images (e.g. {overlap[0]}); "
+                        "calibrating on val would make the accuracy check meaningless.",
+                        "remove them from the calibration folder or pass --calib train.")
+    if len(samples) > cfg.calib_count:
+        rng = np.random.default_rng(0)
+        samples = [samples[i] for i in sorted(rng.choice(len(samples), cfg.calib_count, replace=False))]
+    return samples, where
+
+
+def calibration_stats(fp32_path: Path, fp32: Any, samples: list[Sample], pre: Any, out_dir: Path,
+                      threads: int | None) -> tuple[dict[str, cal.TensorStats], dict[str, Any]]:
+    """Statistics for every activation, from the cache when graph, images, preprocessing and count match."""
+    key = sha256_json({"graph": sha256_file(fp32_path), "images": [s.sha256 for s in samples],
+                       "preprocess": pre.to_dict(), "count": len(samples), "bins": cal.BINS})
+    path = out_dir / f"stats-{key[:16]}.npz"
+    stats = cal.load_stats(path, key)
+    info: dict[str, Any] = {"key": key, "file": str(path.relative_to(out_dir.parent)), "images": len(samples)}
+    if stats is not None:
+        info.update(cache="hit", seconds=0.0)
+        note(f"calibration: statistics reused from {path} (graph, images, preprocessing and count unchanged)")
+        return stats, info
+    t0 = time.perf_counter()
+    names = activation_tensors(fp32)
+    ev = EvalSet(samples, pre, label="calibration images")
+    with progress() as prog:
+        task = prog.add_task("calibrate", total=len(samples), info="")
+        stats = cal.collect(fp32, names, ev.batches(8), threads, lambda n: prog.advance(task, n))
+    ev.close()
+    cal.save_stats(path, stats, key)
+    for old in out_dir.glob("stats-*.npz"):
+        if old != path:
+            old.unlink()
+    info.update(cache="miss", seconds=round(time.perf_counter() - t0, 3),
+                peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    return stats, info
+
+
+# ------------------------------------------------------------------------------------ INT8 + gate
+
+def _ort_logits(model: Any, batches: list[np.ndarray], threads: int | None) -> np.ndarray:
+    import onnxruntime as ort
+
+    from tledge.runtimes.onnxruntime import session_options
+    sess = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: b})[0] for b in batches])
+
+
+def choose_method(fp32: Any, stats: dict[str, cal.TensorStats], form: str, cfg: ExportConfig,
+                  probe: list[np.ndarray], probe_ref: np.ndarray) -> tuple[str, dict[str, float]]:
+    """With --method auto, the method whose INT8 logits are closest (MSE) to FP32 on calibration images
+    (never on val: the val split only judges the result)."""
+    methods = cal.METHODS if cfg.method == "auto" else (cfg.method,)
+    scores = {}
+    for m in methods:
+        q = quantize_model(fp32, stats, form, m, cfg.percentile)
+        scores[m] = float(np.mean((_ort_logits(q, probe, cfg.threads) - probe_ref) ** 2))
+    return min(scores, key=scores.get), scores
+
+
+def sensitivity(fp32: Any, stats: dict[str, cal.TensorStats], form: str, method: str, cfg: ExportConfig,
+                probe: list[np.ndarray], probe_ref: np.ndarray) -> list[tuple[str, float]]:
+    """Per quantized layer: the logit MSE (vs FP32, calibration images) when that layer alone stays in
+    float. Sorted, most helpful first."""
+    nodes = quantizable_nodes(fp32, FORMS[form])
+    out = []
+    with progress() as prog:
+        task = prog.add_task(f"sensitivity ({form})", total=len(nodes), info="")
+        for n in nodes:
+            q = quantize_model(fp32, stats, form, method, cfg.percentile, exclude={n})
+            out.append((n, float(np.mean((_ort_logits(q, probe, cfg.threads) - probe_ref) ** 2))))
+            prog.advance(task)
+    return sorted(out, key=lambda t: t[1])
+
+
+def gate_int8(fp32: Any, stats: dict[str, cal.TensorStats], form: str, method: str, cfg: ExportConfig,
+              evalset: EvalSet, ref: np.ndarray, probe: list[np.ndarray], probe_ref: np.ndarray
+              ) -> tuple[Any, dict[str, Any]]:
+    """Quantize, measure the val drop, and keep the most sensitive layers in float until the drop is
+    within --max-drop. Raises AccuracyError (saying how far it got) when it cannot."""
+    from tledge.export.quantize import ensure_node_names
+
+    ensure_node_names(fp32)
+    q = quantize_model(fp32, stats, form, method, cfg.percentile)
+    with progress() as prog:
+        prog.add_task(f"val INT8 ({form})", total=None, info="")
+        res = compare(_ort_logits(q, list(evalset.batches(32)), cfg.threads), ref, evalset.labels)
+    report: dict[str, Any] = {"method": method, "initial": res, "kept_float": [], "steps": []}
+    note(f"INT8 {form} ({method}): val top-1 {res['top1']:.4f}, drop {res['drop_points']:.2f} pt "
+         f"(limit {cfg.max_drop})")
+    if res["drop_points"] <= cfg.max_drop:
+        report["final"] = res
+        return q, report
+    if not cfg.fallback:
+        raise AccuracyError(f"INT8 {form} loses {res['drop_points']:.2f} points of top-1 (limit --max-drop "
+                            f"{cfg.max_drop}) and --no-fallback forbids keeping layers in float.",
+                            "allow the fallback, raise --max-drop, or use --fp16.")
+    ranked = sensitivity(fp32, stats, form, method, cfg, probe, probe_ref)
+    limit = max(1, int(len(ranked) * cfg.max_fallback_fraction))
+    k, best = 1, res
+    while True:
+        keep = {n for n, _ in ranked[:k]}
+        q = quantize_model(fp32, stats, form, method, cfg.percentile, exclude=keep)
+        r = compare(_ort_logits(q, list(evalset.batches(32)), cfg.threads), ref, evalset.labels)
+        report["steps"].append({"kept_float": k, "drop_points": r["drop_points"]})
+        note(f"  keeping {k} most sensitive layer(s) in float: drop {r['drop_points']:.2f} pt")
+        if r["drop_points"] < best["drop_points"]:
+            best = r
+        if r["drop_points"] <= cfg.max_drop:
+            report.update(kept_float=sorted(keep), final=r)
+            warn(f"INT8 {form}: kept {k} of {len(ranked)} quantizable layers in float to stay within "
+                 f"{cfg.max_drop} pt: {', '.join(sorted(keep))}")
+            return q, report
+        if k >= limit:
+            break
+        k = min(limit, k * 2)
+    raise AccuracyError(
+        f"INT8 {form} cannot stay within --max-drop {cfg.max_drop}: {res['drop_points']:.2f} pt fully quantized, "
+        f"best {best['drop_points']:.2f} pt with up to {limit} of {len(ranked)} layers in float.",
+        "raise --max-drop, try another --method, calibrate on more or better images (--calib), or use --fp16.")
+
+
+# ------------------------------------------------------------------------------------------- run
+
+def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
+    import onnx
+    import torch
+
+    from tledge.export import tensorrt as trt_build
+    from tledge.export.fp16 import to_fp16
+    from tledge.model import load_classifier
+
+    run = Path(run_dir)
+    card = card_mod.read(run)
+    pre = card_mod.preprocess_of(card)
+    for f in cfg.forms:
+        if f not in FORMS:
+            raise UsageError(f"unknown INT8 form '{f}'; choices: {', '.join(FORMS)}.", "pass --form tensorrt or cpu.")
+    if cfg.method != "auto" and cfg.method not in cal.METHODS:
+        raise UsageError(f"unknown calibration method '{cfg.method}'; choices: auto, {', '.join(cal.METHODS)}.",
+                         "pass one of them to --method.")
+    want_engine = cfg.engine
+    if want_engine and not trt_build.tensorrt_available()[0]:
+        # explicit --engine: say why and stop before any work
+        trt_build.require_tensorrt()
+    t0 = time.perf_counter()
+    manifest_path = run / MANIFEST
+    old = read_json(manifest_path) if manifest_path.is_file() else {}
+    manifest: dict[str, Any] = {"tledge_version": tledge.__version__, "config": asdict(cfg), "artefacts": {},
+                                "checks": {}, "versions": _versions()}
+
+    model = load_classifier(run, card)
+    fp32_path = run / FILES["fp32"]
+    files = onnx_io.export(model, card, fp32_path, cfg.opset)
+    manifest["artefacts"]["fp32"] = onnx_io.file_info(files)
+
+    rep = scan(card["dataset"]["root"], card["dataset"].get("val_fraction") or 0.2, card["dataset"].get("seed") or 0)
+    if rep.classes != card["classes"]:
+        raise DataError(f"the dataset at {card['dataset']['root']} now has classes {rep.classes}, not the run's "
+                        f"{card['classes']}.", "restore the dataset or tune again.")
+    evalset = EvalSet(rep.val, pre, label="val images")
+    with torch.inference_mode():
+        ref = run_logits(lambda x: model(torch.from_numpy(x)).numpy(), evalset)
+    torch_top1 = float((ref.argmax(1) == evalset.labels).mean())
+    manifest["checks"]["torch"] = {"top1": torch_top1, "n": len(evalset)}
+    chk = onnx_io.check(fp32_path, ref, evalset, evalset.labels, cfg.fp32_tol, threads=cfg.threads)
+    fp32_logits = chk.pop("logits")
+    manifest["checks"]["fp32"] = chk
+    note(f"ONNX FP32 matches PyTorch: max |logit diff| {chk['max_abs_logit_diff']:.2e}, top-1 agreement "
+         f"{chk['top1_agreement']:.4f} on {chk['n']} val images")
+    fp32 = onnx_io.load_model(fp32_path)
+
+    if cfg.simplify:
+        slim_path = run / "model.slim.onnx"
+        if onnx_io.simplify(fp32_path, slim_path):
+            try:
+                c2 = onnx_io.check(slim_path, ref, evalset, evalset.labels, cfg.fp32_tol, threads=cfg.threads)
+                c2.pop("logits")
+                slim_path.replace(fp32_path)
+                fp32 = onnx_io.load_model(fp32_path)
+                manifest["artefacts"]["fp32"] = onnx_io.file_info([fp32_path])
+                manifest["checks"]["fp32_simplified"] = c2
+            except AccuracyError:
+                warn("onnxslim changed the outputs; keeping the unsimplified graph")
+                slim_path.unlink(missing_ok=True)
+        else:
+            warn("--simplify needs onnxslim (pip install onnxslim); the graph was not simplified")
+
+    if cfg.fp16 or want_engine == "fp16":
+        half, info = to_fp16(fp32)
+        onnx_io.set_metadata(half, {**onnx_io.metadata(card), "tledge.precision": "fp16"})
+        p = run / FILES["fp16"]
+        onnx_io.save_model(half, p)
+        c = compare(_ort_logits(half, list(evalset.batches(32)), cfg.threads), ref, evalset.labels)
+        manifest["artefacts"]["fp16"] = onnx_io.file_info([p])
+        manifest["checks"]["fp16"] = {**c, **info}
+        note(f"FP16: val top-1 {c['top1']:.4f} (drop {c['drop_points']:.2f} pt), max |logit diff| "
+             f"{c['max_abs_logit_diff']:.3g}")
+
+    if cfg.int8 or want_engine == "int8":
+        calib_dir = run / "calib"
+        samples, where = calibration_samples(card, cfg, rep.val)
+        note(f"calibration: {len(samples)} images from {where}")
+        stats, cinfo = calibration_stats(fp32_path, fp32, samples, pre, calib_dir, cfg.threads)
+        cinfo["source"] = where
+        manifest["calibration"] = cinfo
+        # a fixed probe of calibration images for method choice and sensitivity (never val)
+        probe_ev = EvalSet(samples[:64], pre, label="probe")
+        probe = list(probe_ev.batches(32))
+        probe_ref = _ort_logits(fp32, probe, cfg.threads)
+        probe_ev.close()
+        ranges: dict[str, Any] = {}
+        for form in cfg.forms:
+            method, scores = choose_method(fp32, stats, form, cfg, probe, probe_ref)
+            if cfg.method == "auto":
+                note(f"INT8 {form}: method {method} chosen (logit MSE on calibration images: "
+                     + ", ".join(f"{m} {v:.4g}" for m, v in scores.items()) + ")")
+            q, report = gate_int8(fp32, stats, form, method, cfg, evalset, ref, probe, probe_ref)
+            report["method_scores"] = scores
+            if form == "tensorrt":
+                problems = check_tensorrt_qdq(q)
+                if problems:
+                    raise AccuracyError(f"internal error: the TensorRT-form graph is not valid explicit "
+                                        f"quantization: {problems[:3]}", "report this bug.")
+            onnx_io.set_metadata(q, {**onnx_io.metadata(card), "tledge.precision": f"int8-{form}",
+                                     "tledge.calibration": cinfo["key"]})
+            p = run / FILES[f"int8-{form}"]
+            onnx_io.save_model(q, p)
+            manifest["artefacts"][f"int8-{form}"] = onnx_io.file_info([p])
+            manifest["checks"][f"int8-{form}"] = report
+            ranges[form] = _ranges(q)
+        write_json(calib_dir / "calibration.json", {"key": cinfo["key"], "source": where, "images": len(samples),
+                                                     "percentile": cfg.percentile, "forms": ranges})
+    evalset.close()
+
+    engines = []
+    if want_engine:
+        engines = [want_engine]
+    elif cfg.auto_engine:
+        engines = [p for p, asked in (("fp16", cfg.fp16), ("int8", cfg.int8)) if asked]
+    ok, why = trt_build.tensorrt_available()
+    if engines and not ok:
+        note(f"TensorRT is not available here ({why}): wrote the ONNX graphs; the {' and '.join(engines)} engine "
+             "is built on the device (`python3 -m tledge_runtime build` in the deploy bundle).")
+    for prec in engines:
+        if not ok:
+            manifest.setdefault("engines", {})[prec] = {"built": False, "reason": why}
+            continue
+        src = run / (FILES["fp16"] if prec == "fp16" else FILES["int8-tensorrt"])
+        eng = trt_build.build_engine(src, run / f"model.{prec}.engine", trt_build.EngineConfig(
+            precision=prec, batch=cfg.batch, workspace_mib=cfg.workspace_mib, dla_core=cfg.dla_core,
+            timing_cache=cfg.timing_cache or str(run / "timing.cache")))
+        manifest.setdefault("engines", {})[prec] = {"built": True, **eng}
+    manifest["seconds"] = round(time.perf_counter() - t0, 3)
+    if old.get("engines") and "engines" not in manifest:
+        manifest["engines"] = old["engines"]
+    write_json(manifest_path, manifest)
+    return manifest
+
+
+def _ranges(q: Any) -> dict[str, dict[str, float]]:
+    from onnx import numpy_helper
+    inits = {i.name: i for i in q.graph.initializer}
+    out = {}
+    for n in q.graph.node:
+        if n.op_type == "QuantizeLinear":
+            s = float(numpy_helper.to_array(inits[n.input[1]]))
+            z = int(numpy_helper.to_array(inits[n.input[2]]))
+            out[n.input[0]] = {"scale": s, "zero_point": z}
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+    return {"tledge": tledge.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
