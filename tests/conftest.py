@@ -62,3 +62,20 @@ def tledge_env() -> dict[str, str]:
     env = dict(os.environ)
     env["TLEDGE_PROGRESS"] = "0"
     return env
+
+
+@pytest.fixture(scope="session")
+def default_run_64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded default (2,000 train / 1,000 val real images) tuned on mobilenet_v2 at 64 px: a real
+    run for the export, bench and bundle tests. Reused read-only; copy it before changing it."""
+    from tledge.tune import TuneConfig, run_tune
+    os.environ.setdefault("TLEDGE_PROGRESS", "0")
+    out = tmp_path_factory.mktemp("runs") / "default64"
+    run_tune(FASHION, out, TuneConfig(backbone="mobilenet_v2", image_size=64, workers=0,
+                                      cache_dir=str(tmp_path_factory.mktemp("cache64"))))
+    return out
+
+
+def copy_run(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest

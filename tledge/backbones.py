@@ -36,6 +36,7 @@ class BackboneSpec:
     stages: Callable[["nn.Module"], list["nn.Module"]]  # feature stages, input to output, for --unfreeze
     local_weights: Callable[[], Path | None] | None = None  # a file shipped by a Python package
     min_size: int = 32                 # smallest input the architecture accepts
+    size_multiple: int = 1             # input sizes the exported graph accepts are multiples of this
 
     @property
     def weights_filename(self) -> str | None:
@@ -138,7 +139,10 @@ register(BackboneSpec(
     "vgg16", "vgg", 4096, "classifier.6", Preprocess(256, 224, **_IMAGENET), "IMAGENET1K_V1",
     _tv_builder("vgg16"), _TV + "vgg16-397923af.pth",
     lambda m: [m.features[i:j] for i, j in ((0, 5), (5, 10), (10, 17), (17, 24), (24, 31))]
-    + [m.classifier[0:3], m.classifier[3:6]], min_size=32))
+    + [m.classifier[0:3], m.classifier[3:6]],
+    # VGG's AdaptiveAvgPool2d((7, 7)) exports to ONNX only as an identity or a fixed pooling: the feature
+    # map (input / 32) must be a multiple of 7.
+    min_size=224, size_multiple=224))
 register(BackboneSpec(
     # Pretrained Inception-v3 has aux_logits=True and transform_input=True (torchvision sets both for
     # its weights). tledge drops the auxiliary classifier after loading: it only helps training from

@@ -347,6 +347,9 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
     if pre.crop < spec.min_size:
         raise UsageError(f"--image-size {pre.crop} is below {spec.name}'s minimum of {spec.min_size}.",
                          f"pass --image-size {spec.min_size} or more.")
+    if pre.crop % spec.size_multiple:
+        raise UsageError(f"--image-size {pre.crop} does not fit {spec.name}: its input must be a multiple of "
+                         f"{spec.size_multiple}.", f"pass --image-size {spec.size_multiple} (or a multiple).")
     if cfg.unfreeze < 0:
         raise UsageError(f"--unfreeze {cfg.unfreeze} is negative.", "pass 0 (frozen) or a positive count.")
     _prepare_run_dir(out, resume, overwrite)

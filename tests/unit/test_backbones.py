@@ -25,6 +25,7 @@ def test_builds_and_outputs_feature_dim(name: str) -> None:
     model, info = backbones.build_backbone(spec, "none")
     assert info["source"] == "none"
     size = max(spec.min_size, 96)
+    size += -size % spec.size_multiple
     with torch.no_grad():
         y = model(torch.randn(2, 3, size, size))
     assert y.shape == (2, spec.feature_dim)
