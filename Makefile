@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/tledge tune data/fashion-mnist --out $(RUN) --backbone mobilenet_v2 --overwrite
+	$(BIN)/tledge export $(RUN) --fp16 --int8
+	$(BIN)/tledge bench $(RUN)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -163,6 +163,51 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
         click.echo(f"engine {prec:<7} " + (e["engine"] if e.get("built") else "not built here (built on the device)"))
 
 
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--batch", "batches", default="1,8,32", show_default=True, help="Batch sizes to sweep.")
+@click.option("--budget", type=float, default=1.5, show_default=True, help="Seconds of timing per artefact and batch.")
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime (default: all cores).")
+@click.option("--no-e2e", is_flag=True, help="Skip end-to-end (decode + preprocess + infer) timing.")
+@click.option("--compile", "use_compile", is_flag=True, help="Also time torch.compile.")
+@click.option("--max-images", type=int, default=None, help="Use at most this many val images for accuracy.")
+@click.option("--compare", "compare_with", type=click.Path(path_type=Path), default=None,
+              help="Another bench.json to show side by side.")
+@_handle_errors
+def bench(run: Path, batches: str, budget: float, warmup: int, threads: int | None, no_e2e: bool, use_compile: bool,
+          max_images: int | None, compare_with: Path | None) -> None:
+    """Latency and accuracy of every artefact in RUN against the PyTorch model."""
+    from tledge.bench.report import compare_table, load, print_report, write_all
+    from tledge.bench.run import BenchConfig, run_bench
+    from tledge.console import out
+    from tledge.errors import UsageError
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        raise UsageError(f"--batch {batches!r} is not a comma-separated list of sizes.", "pass e.g. --batch 1,8,32.") from None
+    other = load(compare_with) if compare_with else None
+    result = run_bench(run, BenchConfig(batches=sizes, budget_s=budget, warmup=warmup, threads=threads,
+                                        end_to_end=not no_e2e, compile=use_compile, max_images=max_images))
+    paths = write_all(result, run)
+    print_report(result)
+    if other:
+        out.print(compare_table(result, other, "this", compare_with.name))
+    click.echo("wrote " + ", ".join(str(p) for p in paths) + f" in {result['seconds']:.0f}s")
+
+
+@main.command("compare")
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@_handle_errors
+def compare_cmd(a: Path, b: Path) -> None:
+    """Show two bench.json results side by side (e.g. a laptop and a Jetson)."""
+    from tledge.bench.report import compare_table, load
+    from tledge.console import out
+    out.print(compare_table(load(a), load(b), a.parent.name or "a", b.parent.name or "b"))
+
+
 @main.command("backbones")
 def list_backbones() -> None:
     """List the registered backbones."""

@@ -11,7 +11,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TimeElapsedColumn, TimeRemainingColumn)
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+# Not a terminal (CI logs, pipes): a wide fixed width, so tables are not squeezed into 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def note(msg: str) -> None:

@@ -1,0 +1,184 @@
+"""Bench orchestration: every artefact of a run through its own runner, accuracy on the val split and
+latency over a batch sweep, against the PyTorch baseline. Missing backends are listed with the reason."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+import tledge
+from tledge import card as card_mod
+from tledge.bench import latency
+from tledge.console import note
+from tledge.data import scan
+from tledge.errors import TledgeError
+from tledge.evalset import EvalSet, compare, run_logits
+from tledge.export.pipeline import FILES
+
+SCHEMA = "tledge.bench/1"
+
+
+@dataclass
+class BenchConfig:
+    batches: tuple[int, ...] = (1, 8, 32)
+    budget_s: float = 1.5           # per (artefact, batch, mode)
+    warmup: int = 5
+    min_iters: int = 10
+    threads: int | None = None      # None: all cores
+    end_to_end: bool = True
+    compile: bool = False           # also torch.compile
+    providers: tuple[str, ...] = ("cpu", "cuda", "tensorrt")
+    max_images: int | None = None   # cap on val images for accuracy (None: all)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Candidate:
+    name: str
+    precision: str
+    runtime: str
+    device: str
+    factory: Callable[[], Any]
+    files: list[Path]
+    skip: str | None = None
+
+
+def candidates(run: Path, cfg: BenchConfig) -> list[Candidate]:
+    """Everything benchable in the run, with a skip reason for what this machine cannot run."""
+    from tledge.runtimes.base import available_runners
+    from tledge.runtimes.onnxruntime import OrtRunner
+    from tledge.runtimes.tensorrt import TrtRunner
+    from tledge.runtimes.torch import TorchRunner
+
+    threads = cfg.threads or os.cpu_count() or 1
+    avail = available_runners()
+    out = [Candidate("pytorch", "fp32", "torch eager", "cpu", lambda: TorchRunner(run, "cpu", threads=threads),
+                     [run / "checkpoint.safetensors"])]
+    if cfg.compile:
+        out.append(Candidate("pytorch-compile", "fp32", "torch.compile", "cpu",
+                             lambda: TorchRunner(run, "cpu", compile=True, threads=threads), [run / "checkpoint.safetensors"]))
+    cuda_ok, cuda_why = _torch_cuda()
+    out.append(Candidate("pytorch-cuda", "fp32", "torch eager", "cuda", lambda: TorchRunner(run, "cuda"),
+                         [run / "checkpoint.safetensors"], None if cuda_ok else cuda_why))
+    out.append(Candidate("pytorch-cuda-fp16", "fp16", "torch autocast", "cuda", lambda: TorchRunner(run, "cuda", fp16=True),
+                         [run / "checkpoint.safetensors"], None if cuda_ok else cuda_why))
+    ort_ok, ort_why = avail["onnxruntime"]
+    providers = _ort_providers() if ort_ok else {}
+    for key, fname in FILES.items():
+        path = run / fname
+        if not path.is_file():
+            continue
+        prec = key.split("-")[0]
+        # the CPU INT8 form is laid out for onnxruntime's CPU kernels only
+        for prov in (("cpu",) if key == "int8-cpu" else cfg.providers):
+            why = None if prov in providers else (ort_why or f"onnxruntime has no {prov} execution provider here")
+            files = [path] + ([Path(str(path) + ".data")] if Path(str(path) + ".data").exists() else [])
+            out.append(Candidate(f"onnx-{key}" + ("" if prov == "cpu" else f"-{prov}"), prec,
+                                 f"onnxruntime {prov}", "cpu" if prov == "cpu" else "cuda",
+                                 lambda p=path, pv=prov: OrtRunner(p, pv, threads, spinning=False), files, why))
+    trt_ok, trt_why = avail["tensorrt"]
+    for prec in ("fp16", "int8"):
+        eng = run / f"model.{prec}.engine"
+        if eng.is_file():
+            out.append(Candidate(f"tensorrt-{prec}", prec, "tensorrt", "cuda", lambda e=eng: TrtRunner(e), [eng],
+                                 None if trt_ok else trt_why))
+    return out
+
+
+def _torch_cuda() -> tuple[bool, str]:
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    return (True, "") if torch.cuda.is_available() else (False, "no CUDA GPU visible to torch")
+
+
+def _ort_providers() -> dict[str, str]:
+    import onnxruntime as ort
+    have = set(ort.get_available_providers())
+    names = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+    return {k: v for k, v in names.items() if v in have}
+
+
+def _rss_mib() -> float:
+    import psutil
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _batch(evalset: EvalSet, b: int) -> np.ndarray:
+    x = evalset.x[: min(b, len(evalset))]
+    reps = -(-b // len(x))
+    return np.ascontiguousarray(np.concatenate([x] * reps)[:b])
+
+
+def run_bench(run_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
+    from tledge.bench.machine import describe
+
+    run = Path(run_dir)
+    card = card_mod.read(run)
+    pre = card_mod.preprocess_of(card)
+    rep = scan(card["dataset"]["root"], card["dataset"].get("val_fraction") or 0.2, card["dataset"].get("seed") or 0)
+    samples = rep.val[: cfg.max_images] if cfg.max_images else rep.val
+    t0 = time.perf_counter()
+    evalset = EvalSet(samples, pre, label="val images")
+    files = [s.path for s in samples]
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    ref: np.ndarray | None = None
+    base_p50: dict[int, float] = {}
+    for cand in candidates(run, cfg):
+        if cand.skip:
+            skipped.append({"artefact": cand.name, "runtime": cand.runtime, "reason": cand.skip})
+            continue
+        note(f"bench {cand.name} ({cand.runtime})")
+        rss0 = _rss_mib()
+        try:
+            runner = cand.factory()
+            with runner:
+                rss_loaded = _rss_mib()
+                logits = run_logits(runner.infer, evalset, 32)
+                if ref is None:
+                    ref = logits
+                acc = compare(logits, ref, evalset.labels)
+                from tledge.metrics import classification_summary
+                summ = classification_summary(logits, evalset.labels, card["classes"])
+                acc.update(top5=summ.get("top5"), per_class_accuracy=summ["per_class_accuracy"])
+                lat = []
+                for b in cfg.batches:
+                    x = _batch(evalset, b)
+                    m = latency.measure_model(runner, x, warmup=cfg.warmup, budget_s=cfg.budget_s, min_iters=cfg.min_iters)
+                    lat.append({"mode": "model", **m})
+                    if cfg.end_to_end:
+                        fb = (files * (-(-b // len(files))))[:b]
+                        e = latency.measure_end_to_end(runner, fb, pre, warmup=2, budget_s=cfg.budget_s / 2,
+                                                       min_iters=max(3, cfg.min_iters // 2))
+                        lat.append({"mode": "end_to_end", **e})
+                desc = runner.describe()
+        except TledgeError as exc:
+            # a known, explained condition (e.g. an engine built for another GPU): listed, not hidden
+            skipped.append({"artefact": cand.name, "runtime": cand.runtime, "reason": exc.what})
+            continue
+        if cand.name == "pytorch":
+            base_p50 = {r["batch"]: r["p50_ms"] for r in lat if r["mode"] == "model"}
+        for r in lat:
+            if r["mode"] == "model" and r["batch"] in base_p50:
+                r["speedup_vs_pytorch"] = base_p50[r["batch"]] / r["p50_ms"]
+        results.append({
+            "artefact": cand.name, "precision": cand.precision, "runtime": cand.runtime, "device": cand.device,
+            "files": [p.name for p in cand.files if p.exists()],
+            "size_bytes": sum(p.stat().st_size for p in cand.files if p.exists()),
+            "accuracy": acc, "latency": lat, "runner": desc,
+            "memory": {"rss_before_mib": round(rss0, 1), "rss_loaded_mib": round(rss_loaded, 1),
+                       "rss_after_mib": round(_rss_mib(), 1)},
+        })
+    evalset.close()
+    return {"schema": SCHEMA, "tledge_version": tledge.__version__, "run": str(run),
+            "backbone": card["backbone"]["name"], "input": card["preprocess"]["crop"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": describe(),
+            "settings": {**asdict(cfg), "threads": cfg.threads or os.cpu_count(), "val_images": len(samples)},
+            "baseline": "pytorch", "results": results, "skipped": skipped,
+            "seconds": round(time.perf_counter() - t0, 2)}
