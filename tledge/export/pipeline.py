@@ -28,7 +28,7 @@ from tledge.evalset import EvalSet, compare, run_logits
 from tledge.export import calibrate as cal
 from tledge.export import onnx as onnx_io
 from tledge.export.quantize import FORMS, activation_tensors, check_tensorrt_qdq, quantizable_nodes, quantize_model
-from tledge.fsutil import read_json, sha256_file, sha256_json, write_json
+from tledge.fsutil import read_json, sha256_json, write_json
 
 REPO_CALIBRATION = Path(__file__).resolve().parents[2] / "calibration"
 FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8-tensorrt": "model.int8.trt.onnx",
@@ -48,6 +48,10 @@ class ExportConfig:
     max_drop: float = 1.0                 # top-1 points on val against PyTorch
     fallback: bool = True                 # keep sensitive layers in float to meet max_drop
     max_fallback_fraction: float = 0.25
+    cle: bool = True                      # cross-layer equalization (exact pairs only)
+    bias_correction: bool = True
+    head_refit: bool = True               # re-fit the linear head on INT8 features of training images
+    refit_count: int = 4000               # training images used for the head refit (stratified)
     engine: str | None = None             # None | fp16 | int8 (explicit: fail without TensorRT)
     auto_engine: bool = True              # build engines for the asked precisions when TensorRT is here
     batch: tuple[int, int, int] = (1, 8, 32)
@@ -105,10 +109,12 @@ def calibration_samples(card: dict[str, Any], cfg: ExportConfig, val: Sequence[S
     return samples, where
 
 
-def calibration_stats(fp32_path: Path, fp32: Any, samples: list[Sample], pre: Any, out_dir: Path,
-                      threads: int | None) -> tuple[dict[str, cal.TensorStats], dict[str, Any]]:
+def calibration_stats(fp32: Any, samples: list[Sample], pre: Any, out_dir: Path, threads: int | None,
+                      evalset: EvalSet) -> tuple[dict[str, cal.TensorStats], dict[str, Any]]:
     """Statistics for every activation, from the cache when graph, images, preprocessing and count match."""
-    key = sha256_json({"graph": sha256_file(fp32_path), "images": [s.sha256 for s in samples],
+    import hashlib
+    graph_hash = hashlib.sha256(fp32.SerializeToString(deterministic=True)).hexdigest()
+    key = sha256_json({"graph": graph_hash, "images": [s.sha256 for s in samples],
                        "preprocess": pre.to_dict(), "count": len(samples), "bins": cal.BINS})
     path = out_dir / f"stats-{key[:16]}.npz"
     stats = cal.load_stats(path, key)
@@ -119,11 +125,9 @@ def calibration_stats(fp32_path: Path, fp32: Any, samples: list[Sample], pre: An
         return stats, info
     t0 = time.perf_counter()
     names = activation_tensors(fp32)
-    ev = EvalSet(samples, pre, label="calibration images")
     with progress() as prog:
         task = prog.add_task("calibrate", total=len(samples), info="")
-        stats = cal.collect(fp32, names, ev.batches(8), threads, lambda n: prog.advance(task, n))
-    ev.close()
+        stats = cal.collect(fp32, names, evalset.batches(8), threads, lambda n: prog.advance(task, n))
     cal.save_stats(path, stats, key)
     for old in out_dir.glob("stats-*.npz"):
         if old != path:
@@ -296,39 +300,7 @@ def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
              f"{c['max_abs_logit_diff']:.3g}")
 
     if cfg.int8 or want_engine == "int8":
-        calib_dir = run / "calib"
-        samples, where = calibration_samples(card, cfg, rep.val)
-        note(f"calibration: {len(samples)} images from {where}")
-        stats, cinfo = calibration_stats(fp32_path, fp32, samples, pre, calib_dir, cfg.threads)
-        cinfo["source"] = where
-        manifest["calibration"] = cinfo
-        # a fixed probe of calibration images for method choice and sensitivity (never val)
-        probe_ev = EvalSet(samples[:64], pre, label="probe")
-        probe = list(probe_ev.batches(32))
-        probe_ref = _ort_logits(fp32, probe, cfg.threads)
-        probe_ev.close()
-        ranges: dict[str, Any] = {}
-        for form in cfg.forms:
-            method, scores = choose_method(fp32, stats, form, cfg, probe, probe_ref)
-            if cfg.method == "auto":
-                note(f"INT8 {form}: method {method} chosen (logit MSE on calibration images: "
-                     + ", ".join(f"{m} {v:.4g}" for m, v in scores.items()) + ")")
-            q, report = gate_int8(fp32, stats, form, method, cfg, evalset, ref, probe, probe_ref)
-            report["method_scores"] = scores
-            if form == "tensorrt":
-                problems = check_tensorrt_qdq(q)
-                if problems:
-                    raise AccuracyError(f"internal error: the TensorRT-form graph is not valid explicit "
-                                        f"quantization: {problems[:3]}", "report this bug.")
-            onnx_io.set_metadata(q, {**onnx_io.metadata(card), "tledge.precision": f"int8-{form}",
-                                     "tledge.calibration": cinfo["key"]})
-            p = run / FILES[f"int8-{form}"]
-            onnx_io.save_model(q, p)
-            manifest["artefacts"][f"int8-{form}"] = onnx_io.file_info([p])
-            manifest["checks"][f"int8-{form}"] = report
-            ranges[form] = _ranges(q)
-        write_json(calib_dir / "calibration.json", {"key": cinfo["key"], "source": where, "images": len(samples),
-                                                     "percentile": cfg.percentile, "forms": ranges})
+        manifest["int8"] = int8_graphs(run, card, cfg, fp32, rep, evalset, ref, manifest)
     evalset.close()
 
     engines = []
@@ -354,6 +326,88 @@ def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
         manifest["engines"] = old["engines"]
     write_json(manifest_path, manifest)
     return manifest
+
+
+def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, rep: Any, evalset: EvalSet,
+                ref: np.ndarray, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Equalize, calibrate, bias-correct, pick ranges, re-fit the head, quantize both forms and gate them."""
+    from tledge.export import improve
+
+    pre = card_mod.preprocess_of(card)
+    techniques: dict[str, Any] = {}
+    samples, where = calibration_samples(card, cfg, rep.val)
+    note(f"calibration: {len(samples)} images from {where}")
+    calib = EvalSet(samples, pre, label="calibration images")
+    probe = [calib.x[i:i + 32].copy() for i in range(0, min(64, len(calib)), 32)]
+    probe_ref = _ort_logits(fp32, probe, cfg.threads)
+    base = fp32
+    if cfg.cle:
+        base, info = improve.equalize(fp32)
+        diff = float(np.abs(_ort_logits(base, probe, cfg.threads) - probe_ref).max())
+        scale = float(np.abs(probe_ref).max())
+        if diff > 1e-4 * max(1.0, scale):
+            raise AccuracyError(f"internal error: cross-layer equalization changed the FP32 outputs by {diff:.3g}.",
+                                "export with --no-cle and report this bug.")
+        techniques["cle"] = {**info, "fp32_max_abs_logit_diff": diff}
+        note(f"cross-layer equalization: {info['pairs']} conv pairs (FP32 unchanged: max |logit diff| {diff:.1e}); "
+             f"{info['skipped_relu6_pairs']} pairs joined by ReLU6 left alone")
+    stats, cinfo = calibration_stats(base, samples, pre, run / "calib", cfg.threads, calib)
+    cinfo["source"] = where
+    manifest["calibration"] = cinfo
+    if cfg.bias_correction:
+        base, info = improve.bias_correct(base, improve.channel_means(base, calib.batches(16), cfg.threads))
+        techniques["bias_correction"] = info
+        note(f"bias correction: {info['layers']} layers, mean |shift| {info['mean_abs_shift']:.2e}")
+    calib.close()
+    gemm = improve.head_gemm(base)
+    train_ev = None
+    if cfg.head_refit:
+        if gemm is None or card["head"]["kind"] != "linear":
+            techniques["head_refit"] = {"applied": False, "reason": "only linear heads are re-fitted"}
+        else:
+            pool = rep.train
+            if len(pool) > cfg.refit_count:
+                pool = stratified_split(pool, cfg.refit_count / len(pool), 4321)[1]
+            train_ev = EvalSet(pool, pre, label="train images (head refit)")
+    ranges: dict[str, Any] = {}
+    out: dict[str, Any] = {"techniques": techniques}
+    for form in cfg.forms:
+        method, scores = choose_method(base, stats, form, cfg, probe, probe_ref)
+        if cfg.method == "auto":
+            note(f"INT8 {form}: method {method} chosen (logit MSE on calibration images: "
+                 + ", ".join(f"{m} {v:.4g}" for m, v in scores.items()) + ")")
+        model = base
+        if train_ev is not None and gemm is not None:
+            q = quantize_model(base, stats, form, method, cfg.percentile)
+            feats = improve.features_through(q, gemm.input[0], train_ev.batches(32), cfg.threads)
+            w0, b0 = improve.head_weights(base, gemm)
+            tr = card["training"]["config"]
+            epochs = max(10, int(card["training"]["head"].get("best_epoch") or 30))
+            w, b = improve.refit_head(feats, train_ev.labels, w0, b0, epochs, tr.get("weight_decay", 1e-4),
+                                      tr.get("label_smoothing", 0.1), card["head"].get("dropout", 0.2),
+                                      lr=tr.get("lr", 1e-3), seed=tr.get("seed", 0))
+            model = improve.with_head(base, gemm, w, b)
+            techniques.setdefault("head_refit", {"applied": True, "images": len(train_ev), "epochs": epochs,
+                                                 "source": "training split"})
+        q, report = gate_int8(model, stats, form, method, cfg, evalset, ref, probe, probe_ref)
+        report["method_scores"] = scores
+        if form == "tensorrt":
+            problems = check_tensorrt_qdq(q)
+            if problems:
+                raise AccuracyError(f"internal error: the TensorRT-form graph is not valid explicit "
+                                    f"quantization: {problems[:3]}", "report this bug.")
+        onnx_io.set_metadata(q, {**onnx_io.metadata(card), "tledge.precision": f"int8-{form}",
+                                 "tledge.calibration": cinfo["key"]})
+        p = run / FILES[f"int8-{form}"]
+        onnx_io.save_model(q, p)
+        manifest["artefacts"][f"int8-{form}"] = onnx_io.file_info([p])
+        manifest["checks"][f"int8-{form}"] = report
+        ranges[form] = _ranges(q)
+    if train_ev is not None:
+        train_ev.close()
+    write_json(run / "calib" / "calibration.json", {"key": cinfo["key"], "source": where, "images": len(samples),
+                                                    "percentile": cfg.percentile, "forms": ranges})
+    return out
 
 
 def _ranges(q: Any) -> dict[str, dict[str, float]]:

@@ -1,0 +1,263 @@
+"""Quantization that fixes the causes of INT8 accuracy loss, applied to the FP32 graph before and around
+quantization. Each technique is switchable and recorded in the export manifest.
+
+- Cross-layer equalization (Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and
+  Bias Correction", sec. 4.1): for Conv -> [ReLU] -> Conv pairs, scale output channel i of the first by
+  1/s_i and input channel i of the second by s_i, s_i = sqrt(r1_i / r2_i), which equalizes per-channel
+  weight ranges and leaves the FP32 function unchanged (ReLU is positively homogeneous). Pairs joined by
+  ReLU6/Clip are skipped: clip(s x, 0, 6) / s = clip(x, 0, 6 / s) is not the same function, so scaling
+  across them would change the FP32 network (the paper replaces ReLU6 by ReLU; tledge does not change
+  what the user trained). BatchNorm is already folded into the convolutions by the exporter.
+- Bias correction (same paper, sec. 4.2, with empirical input means as in AIMET): the expected output
+  shift caused by weight rounding, E[(W_q - W) x] = (W_q - W) E[x], is subtracted from each bias; E[x]
+  per input channel comes from the calibration images.
+- Quantization-tolerant head: the classification head is re-fitted on features computed by the INT8
+  backbone on training images (never val), so it learns the decision margins of the features it will
+  really see. The FP32 model is unchanged; only the INT8 graph's head differs. Linear heads only.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+
+from tledge.export.quantize import _weight_axis, quantize_weight
+
+
+def _onnx() -> Any:
+    import onnx
+    return onnx
+
+
+def _copy(model: Any) -> Any:
+    m = _onnx().ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return a.i if a.type == a.INT else list(a.ints)
+    return default
+
+
+# ---------------------------------------------------------------------------- cross-layer equalization
+
+def equalizable_pairs(model: Any) -> list[tuple[Any, Any, str]]:
+    """(conv1, conv2, joint): conv1 (ungrouped) feeds only conv2, directly or through one ReLU, the cases
+    where equalization is exact. conv2 may be ungrouped or depthwise."""
+    inits = {i.name for i in model.graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in model.graph.output}
+    pairs = []
+    for n in model.graph.node:
+        if n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        t, joint = n.output[0], "none"
+        cons = consumers.get(t, [])
+        if len(cons) == 1 and cons[0].op_type == "Relu":
+            t, joint = cons[0].output[0], "relu"
+            cons = consumers.get(t, [])
+        if t in outputs or len(cons) != 1 or cons[0].op_type != "Conv" or cons[0].input[0] != t:
+            continue
+        nxt = cons[0]
+        if nxt.input[1] not in inits:
+            continue
+        if _attr(n, "group", 1) != 1:
+            continue  # a grouped first conv would need its groups kept consistent; not needed for these models
+        pairs.append((n, nxt, joint))
+    return pairs
+
+
+def equalize(model: Any, iterations: int = 2) -> tuple[Any, dict[str, Any]]:
+    """Cross-layer equalization; returns the new model and a report (pairs equalized and skipped)."""
+    from onnx import numpy_helper
+
+    m = _copy(model)
+    inits = {i.name: i for i in m.graph.initializer}
+    pairs = equalizable_pairs(m)
+    for _ in range(iterations):
+        for a, b, _joint in pairs:
+            w1 = numpy_helper.to_array(inits[a.input[1]]).astype(np.float64)
+            w2 = numpy_helper.to_array(inits[b.input[1]]).astype(np.float64)
+            g2 = _attr(b, "group", 1)
+            r1 = np.abs(w1).reshape(w1.shape[0], -1).max(1)
+            if g2 == 1:
+                r2 = np.abs(w2).transpose(1, 0, 2, 3).reshape(w2.shape[1], -1).max(1)
+            elif g2 == w1.shape[0] and w2.shape[1] == 1:  # depthwise: one filter per channel
+                r2 = np.abs(w2).reshape(w2.shape[0], -1).max(1)
+            else:
+                continue
+            s = np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 / np.maximum(r2, 1e-12)), 1.0)
+            w1 = w1 / s[:, None, None, None]
+            if g2 == 1:
+                w2 = w2 * s[None, :, None, None]
+            else:
+                w2 = w2 * s[:, None, None, None]
+            inits[a.input[1]].CopyFrom(numpy_helper.from_array(w1.astype(np.float32), a.input[1]))
+            inits[b.input[1]].CopyFrom(numpy_helper.from_array(w2.astype(np.float32), b.input[1]))
+            if len(a.input) > 2 and a.input[2] in inits:
+                b1 = numpy_helper.to_array(inits[a.input[2]]).astype(np.float64) / s
+                inits[a.input[2]].CopyFrom(numpy_helper.from_array(b1.astype(np.float32), a.input[2]))
+    skipped = _clip_joined(m)
+    return m, {"pairs": len(pairs), "skipped_relu6_pairs": skipped}
+
+
+def _clip_joined(model: Any) -> int:
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    count = 0
+    for n in model.graph.node:
+        if n.op_type == "Conv":
+            c = consumers.get(n.output[0], [])
+            if len(c) == 1 and c[0].op_type == "Clip":
+                c2 = consumers.get(c[0].output[0], [])
+                count += int(len(c2) == 1 and c2[0].op_type == "Conv")
+    return count
+
+
+# ------------------------------------------------------------------------------------ bias correction
+
+def weighted_nodes(model: Any) -> list[Any]:
+    inits = {i.name for i in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2
+            and n.input[1] in inits and n.input[2] in inits]
+
+
+def channel_means(model: Any, batches: Iterable[np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
+    """Per-channel means of every Conv/Gemm input over the calibration images (one FP32 pass)."""
+    import onnxruntime as ort
+
+    from tledge.runtimes.onnxruntime import session_options
+
+    names = sorted({n.input[0] for n in weighted_nodes(model)})
+    m = _copy(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(_onnx().ValueInfoProto(name=n))
+    so = session_options(threads)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0].name
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for x in batches:
+        for n, v in zip(names, sess.run(names, {inp: x})):
+            mu = v.mean(axis=(2, 3)).sum(axis=0) if v.ndim == 4 else v.sum(axis=0)
+            sums[n] = sums.get(n, 0) + mu.astype(np.float64)
+        count += len(x)
+    return {n: s / max(count, 1) for n, s in sums.items()}
+
+
+def bias_correct(model: Any, means: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
+    """Subtract (W_q - W) E[x] from every Conv/Gemm bias."""
+    from onnx import numpy_helper
+
+    m = _copy(model)
+    inits = {i.name: i for i in m.graph.initializer}
+    shifts = []
+    for n in weighted_nodes(m):
+        if n.input[0] not in means:
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+        axis = _weight_axis(n)
+        q, s = quantize_weight(w, axis)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        dw = q.astype(np.float64) * s.reshape(shape) - w.astype(np.float64)
+        mu = means[n.input[0]]
+        if n.op_type == "Gemm":
+            delta = (dw.T if axis == 1 else dw) @ mu
+        else:
+            groups = _attr(n, "group", 1)
+            cout, cin_g = dw.shape[:2]
+            dws = dw.sum(axis=(2, 3))
+            per = cout // groups
+            delta = np.array([dws[c] @ mu[(c // per) * cin_g:(c // per + 1) * cin_g] for c in range(cout)])
+        b = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64) - delta
+        inits[n.input[2]].CopyFrom(numpy_helper.from_array(b.astype(np.float32), n.input[2]))
+        shifts.append(float(np.abs(delta).mean()))
+    return m, {"layers": len(shifts), "mean_abs_shift": float(np.mean(shifts)) if shifts else 0.0}
+
+
+# ------------------------------------------------------------------------------------------ head refit
+
+def head_gemm(model: Any) -> Any | None:
+    """The classifier's final Gemm when the head is a single linear layer fed by the backbone features."""
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
+    if len(gemms) != 1 or model.graph.output[0].name not in gemms[0].output:
+        return None
+    return gemms[0]
+
+
+def features_through(q: Any, gemm_input: str, batches: Iterable[np.ndarray], threads: int | None = None) -> np.ndarray:
+    """The features the quantized head sees (after the input's Q/DQ), for ``batches``."""
+    import onnxruntime as ort
+
+    from tledge.runtimes.onnxruntime import session_options
+
+    m = _copy(q)
+    m.graph.output.append(_onnx().ValueInfoProto(name=gemm_input))
+    sess = ort.InferenceSession(m.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0].name
+    return np.concatenate([sess.run([gemm_input], {inp: x})[0] for x in batches])
+
+
+def refit_head(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, b0: np.ndarray, epochs: int,
+               weight_decay: float, label_smoothing: float, dropout: float, lr: float = 1e-3, seed: int = 0,
+               batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """AdamW + cosine from the FP32 head, a fixed number of epochs (no selection on val)."""
+    import torch
+
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(w0.shape[1], w0.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w0))
+        lin.bias.copy_(torch.from_numpy(b0))
+    head = torch.nn.Sequential(torch.nn.Dropout(dropout), lin)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    x, y = torch.from_numpy(features), torch.from_numpy(labels).long()
+    steps = max(1, epochs * ((len(x) + batch - 1) // batch))
+    k = 0
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch):
+            for grp in opt.param_groups:
+                grp["lr"] = lr * 0.5 * (1 + np.cos(np.pi * k / steps))
+            k += 1
+            idx = perm[i:i + batch]
+            loss = torch.nn.functional.cross_entropy(head(x[idx]), y[idx], label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return lin.weight.detach().numpy().astype(np.float32), lin.bias.detach().numpy().astype(np.float32)
+
+
+def with_head(model: Any, gemm: Any, w: np.ndarray, b: np.ndarray) -> Any:
+    from onnx import numpy_helper
+
+    m = _copy(model)
+    inits = {i.name: i for i in m.graph.initializer}
+    trans_b = _attr(gemm, "transB", 0)
+    inits[gemm.input[1]].CopyFrom(numpy_helper.from_array(w if trans_b else w.T.copy(), gemm.input[1]))
+    inits[gemm.input[2]].CopyFrom(numpy_helper.from_array(b, gemm.input[2]))
+    return m
+
+
+def head_weights(model: Any, gemm: Any) -> tuple[np.ndarray, np.ndarray]:
+    from onnx import numpy_helper
+    inits = {i.name: i for i in model.graph.initializer}
+    w = numpy_helper.to_array(inits[gemm.input[1]]).astype(np.float32)
+    if not _attr(gemm, "transB", 0):
+        w = w.T.copy()
+    return w, numpy_helper.to_array(inits[gemm.input[2]]).astype(np.float32)
+
+
