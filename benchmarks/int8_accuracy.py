@@ -73,7 +73,8 @@ def ort_baseline(fp32_path: Path, calib_x: np.ndarray, tmp: Path, evalset, ref, 
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.it = iter([calib_x[i:i + 16] for i in range(0, len(calib_x), 16)])
+            # equal batches: onnxruntime's histogram calibrators fail on a shorter last batch
+            self.it = iter([calib_x[i:i + 20] for i in range(0, len(calib_x) - len(calib_x) % 20, 20)])
 
         def get_next(self):  # noqa: ANN201
             b = next(self.it, None)

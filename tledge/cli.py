@@ -213,6 +213,26 @@ def compare_cmd(a: Path, b: Path) -> None:
     out.print(compare_table(load(a), load(b), a.parent.name or "a", b.parent.name or "b"))
 
 
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Bundle folder (default RUN/deploy).")
+@click.option("--precision", type=click.Choice(["int8", "fp16"]), default="int8", show_default=True,
+              help="The engine precision the device builds by default.")
+@click.option("--batch", default="1,8,32", show_default=True, help="Engine batch profile min,opt,max.")
+@click.option("--no-archive", is_flag=True, help="Write the folder only, no .tar.gz.")
+@_handle_errors
+def bundle(run: Path, out: Path | None, precision: str, batch: str, no_archive: bool) -> None:
+    """Write a self-contained deploy bundle (folder + .tar.gz) for a Jetson: no PyTorch needed there."""
+    from tledge.deploy.bundle import make_bundle
+    from tledge.export.tensorrt import parse_batch
+
+    r = make_bundle(run, out, precision, parse_batch(batch), archive=not no_archive)
+    click.echo(f"bundle {r['folder']} ({r['files']} files, {r['bytes'] / 1e6:.1f} MB)"
+               + (f"; archive {r['archive']} ({r['archive_bytes'] / 1e6:.1f} MB)" if "archive" in r else ""))
+    click.echo(f"on the device: tar xzf {Path(r.get('archive', r['folder'])).name} && cd {Path(r['folder']).name} && "
+               "python3 -m tledge_runtime build && python3 -m tledge_runtime predict IMAGES")
+
+
 @main.command("backbones")
 def list_backbones() -> None:
     """List the registered backbones."""

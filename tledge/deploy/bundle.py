@@ -1,0 +1,122 @@
+"""`tledge bundle RUN`: a self-contained folder (and .tar.gz) to copy to a Jetson.
+
+Contents: the ONNX graphs (FP32, FP16, INT8 TensorRT form, and the INT8 CPU form for onnxruntime hosts),
+the calibration ranges, class names and preprocessing, bundle.json (tledge version, every file's SHA-256,
+the accuracy and latency measured at export/bench), and the tledge_runtime package, which imports
+neither torch nor tledge. On the device: `python3 -m tledge_runtime build|predict|bench`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import tledge
+from tledge import card as card_mod
+from tledge.deploy import tledge_runtime
+from tledge.deploy.tledge_runtime import bundle_io
+from tledge.errors import RunDirError
+from tledge.export.pipeline import FILES, MANIFEST as EXPORT_MANIFEST
+from tledge.fsutil import read_json, sha256_file, write_json
+
+RUNTIME_FILES = ("__init__.py", "__main__.py", "bundle_io.py", "cuda.py", "engine.py", "preprocess.py", "timing.py")
+README = """# tledge bundle: {backbone}, {n} classes
+
+Runs with Python 3.8+, numpy and Pillow, plus TensorRT (JetPack) or onnxruntime. No PyTorch.
+
+    python3 -m tledge_runtime verify                # every file against bundle.json
+    python3 -m tledge_runtime build                 # the {precision} engine for this device (minutes)
+    python3 -m tledge_runtime predict IMAGE_OR_DIR  # top-k per image (--json for JSON lines)
+    python3 -m tledge_runtime bench                 # latency (p50/p90/p99); records the power mode
+
+Engines are tied to the TensorRT version and GPU: `build` keys them by this device's fingerprint
+(TensorRT version, GPU, compute capability, L4T release) under engines/, so a foreign or stale engine is
+rebuilt, never loaded. Without TensorRT, predict and bench run the ONNX graphs in onnxruntime.
+On a Jetson in a virtual environment, create it with --system-site-packages to see JetPack's TensorRT.
+"""
+
+
+def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, precision: str = "int8",
+                batch: tuple[int, int, int] = (1, 8, 32), archive: bool = True) -> dict[str, Any]:
+    """Write the bundle folder atomically (built aside, then renamed) and optionally its .tar.gz."""
+    run = Path(run_dir)
+    card = card_mod.read(run)
+    exp_path = run / EXPORT_MANIFEST
+    if not exp_path.is_file() or not (run / FILES["fp32"]).is_file():
+        raise RunDirError(f"{run} has no exported graphs ({exp_path} is missing).",
+                          f"run `tledge export {run} --fp16 --int8` first.")
+    export = read_json(exp_path)
+    need = {"int8": FILES["int8-tensorrt"], "fp16": FILES["fp16"]}.get(precision)
+    if need and not (run / need).is_file():
+        raise RunDirError(f"the bundle's default precision is {precision} but {run / need} does not exist.",
+                          f"run `tledge export {run} --{precision}` first, or pass --precision.")
+    out = Path(out_dir) if out_dir else run / "deploy"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        stage = Path(tmp) / out.name
+        (stage / "tledge_runtime").mkdir(parents=True)
+        src_pkg = Path(tledge_runtime.__file__).parent
+        for f in RUNTIME_FILES:
+            shutil.copy2(src_pkg / f, stage / "tledge_runtime" / f)
+        for key in ("fp32", "fp16", "int8-tensorrt", "int8-cpu"):
+            p = run / FILES[key]
+            if p.is_file():
+                shutil.copy2(p, stage / p.name)
+                if Path(str(p) + ".data").is_file():
+                    shutil.copy2(str(p) + ".data", stage / (p.name + ".data"))
+        if (run / "calib" / "calibration.json").is_file():
+            shutil.copy2(run / "calib" / "calibration.json", stage / "calibration.json")
+        (stage / "README.md").write_text(README.format(backbone=card["backbone"]["name"], n=len(card["classes"]),
+                                                       precision=precision))
+        files = {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
+        manifest = {
+            "schema": bundle_io.SCHEMA, "tledge_version": tledge.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "backbone": card["backbone"]["name"], "classes": card["classes"], "preprocess": card["preprocess"],
+            "output": "logits", "engine_defaults": {"precision": precision, "batch": list(batch)},
+            "export": {k: _brief(v) for k, v in export.get("checks", {}).items()},
+            "calibration": export.get("calibration", {}).get("key"),
+            "bench": _bench(run), "files": files,
+        }
+        write_json(stage / bundle_io.MANIFEST, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    result = {"folder": str(out), "files": len(files) + 1,
+              "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file())}
+    if archive:
+        tar_path = out.parent / f"{out.name}.tar.gz"
+        fd, tmp_tar = tempfile.mkstemp(prefix=f".{tar_path.name}.", dir=out.parent)
+        os.close(fd)
+        try:
+            with tarfile.open(tmp_tar, "w:gz") as tar:
+                for p in sorted(out.rglob("*")):
+                    if "__pycache__" in p.parts:
+                        continue
+                    tar.add(p, arcname=str(Path(out.name) / p.relative_to(out)), recursive=False)
+            os.replace(tmp_tar, tar_path)
+        finally:
+            if os.path.exists(tmp_tar):
+                os.unlink(tmp_tar)
+        result.update(archive=str(tar_path), archive_bytes=tar_path.stat().st_size)
+    return result
+
+
+def _brief(check: dict[str, Any]) -> dict[str, Any]:
+    res = check.get("final", check)
+    return {k: res.get(k) for k in ("n", "top1", "ref_top1", "drop_points", "top1_agreement", "max_abs_logit_diff")
+            if k in res} | ({"kept_float": check["kept_float"]} if check.get("kept_float") else {})
+
+
+def _bench(run: Path) -> dict[str, Any] | None:
+    p = run / "bench.json"
+    if not p.is_file():
+        return None
+    b = read_json(p)
+    return {"machine": b["machine"].get("cpu"), "p50_ms": {f"{r['artefact']}@{lat['batch']}": lat["p50_ms"]
+                                                         for r in b["results"] for lat in r["latency"]
+                                                         if lat["mode"] == "model"}}

@@ -1,0 +1,259 @@
+"""`python3 -m tledge_runtime`: build, predict and bench a tledge bundle on the device.
+
+Needs Python 3.8+, numpy, Pillow, and TensorRT (JetPack) or onnxruntime. No torch, no tledge.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+T0 = time.perf_counter()  # cold-start reference: interpreter start to first prediction is reported
+
+from . import __version__, bundle_io, engine, timing  # noqa: E402
+from .preprocess import ImageLoadError, Preprocess  # noqa: E402
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
+ONNX = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.trt.onnx", "int8-cpu": "model.int8.cpu.onnx"}
+
+
+def bundle_root(arg: str | None) -> Path:
+    return Path(arg).resolve() if arg else Path(__file__).resolve().parent.parent
+
+
+def engine_dir(root: Path, fp: dict[str, Any]) -> Path:
+    """engines/<key>: one folder per device fingerprint, so a foreign or stale engine is never loaded."""
+    import hashlib
+    key = hashlib.sha256(json.dumps({k: fp.get(k) for k in ("tensorrt", "gpu", "compute_capability", "l4t")},
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    return root / "engines" / key
+
+
+def engine_path(root: Path, precision: str, fp: dict[str, Any]) -> Path:
+    return engine_dir(root, fp) / f"model.{precision}.engine"
+
+
+def build(root: Path, manifest: dict[str, Any], precision: str, batch: tuple[int, int, int], dla_core: int | None,
+          workspace: int, force: bool) -> Path:
+    trt = engine.import_tensorrt()
+    fp = engine.fingerprint(trt)
+    dest = engine_path(root, precision, fp)
+    side = Path(str(dest) + ".json")
+    if dest.is_file() and side.is_file() and not force:
+        sc = json.loads(side.read_text())
+        same_src = sc.get("onnx_sha256") == manifest["files"].get(ONNX[precision])
+        same_opts = sc.get("profile", {}).get("max") == batch[2] and sc.get("dla_core") == dla_core
+        if same_src and same_opts and not engine.compatibility_problems(sc, fp):
+            print(f"engine for this device already built: {dest}")
+            return dest
+        print("existing engine is stale (other graph, options or device): rebuilding")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    print(f"building the {precision} engine for {fp.get('gpu')} (TensorRT {fp.get('tensorrt')}, L4T {fp.get('l4t')}); "
+          "this takes minutes on a Jetson")
+    engine.build(root / ONNX[precision], dest, precision, batch, workspace, dla_core,
+                 timing_cache=dest.parent / "timing.cache")
+    print(f"wrote {dest}")
+    return dest
+
+
+class OrtModel:
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        avail = ort.get_available_providers()
+        providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in avail and os.environ.get(
+            "TLEDGE_RUNTIME_CPU") != "1"] + ["CPUExecutionProvider"]
+        self.sess = ort.InferenceSession(str(path), so, providers=providers)
+        self.name = self.sess.get_inputs()[0].name
+        self.provider = self.sess.get_providers()[0]
+
+    def infer(self, x: Any) -> Any:
+        return self.sess.run(None, {self.name: x})[0]
+
+    def synchronize(self) -> None:
+        pass
+
+
+def open_model(root: Path, manifest: dict[str, Any], backend: str, precision: str) -> tuple[Any, str]:
+    """(model, description). auto: a TensorRT engine when TensorRT and a GPU are here, else onnxruntime."""
+    trt_ok, why = engine.tensorrt_available()
+    if backend == "tensorrt" or (backend == "auto" and trt_ok):
+        if not trt_ok:
+            raise engine.EngineError(f"--backend tensorrt: {why}. {engine.TRT_HINT}")
+        prec = "int8" if precision in ("int8", "int8-cpu") else precision
+        if prec == "fp32":
+            raise engine.EngineError("tledge bundles build fp16 or int8 engines; use --precision fp16|int8, or "
+                                     "--backend onnxruntime for fp32")
+        fp = engine.fingerprint(engine.import_tensorrt())
+        path = engine_path(root, prec, fp)
+        if not path.is_file():
+            b = manifest.get("engine_defaults", {}).get("batch", [1, 8, 32])
+            build(root, manifest, prec, tuple(b), None, 1024, False)
+        return engine.TrtEngine(path), f"TensorRT {prec} engine {path.relative_to(root)}"
+    prec = precision
+    if prec == "int8":
+        prec = "int8-cpu" if ONNX["int8-cpu"] in manifest["files"] else "int8"
+    if ONNX[prec] not in manifest["files"]:
+        raise bundle_io.BundleError(f"this bundle has no {precision} graph ({ONNX[prec]}); it has "
+                                    f"{', '.join(k for k, v in ONNX.items() if v in manifest['files'])}.")
+    m = OrtModel(root / ONNX[prec])
+    note = f" (TensorRT not used: {why})" if backend == "auto" and not trt_ok else ""
+    return m, f"onnxruntime {m.provider} {ONNX[prec]}{note}"
+
+
+def expand(items: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for it in items:
+        p = Path(it)
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS and not f.name.startswith("."))
+        elif p.exists():
+            out.append(str(p))
+        else:
+            raise bundle_io.BundleError(f"{p} does not exist: pass image files or folders.")
+    return out
+
+
+def cmd_predict(args: argparse.Namespace, root: Path, manifest: dict[str, Any]) -> None:
+    import numpy as np
+    pre = Preprocess.from_dict(manifest["preprocess"])
+    classes = manifest["classes"]
+    model, desc = open_model(root, manifest, args.backend, args.precision)
+    print(f"# {desc}", file=sys.stderr)
+    files = expand(args.images)
+    first = True
+    for i in range(0, len(files), args.batch):
+        chunk, arrays, good = files[i:i + args.batch], [], []
+        errors = {}
+        for f in chunk:
+            try:
+                arrays.append(pre(f))
+                good.append(f)
+            except ImageLoadError as e:
+                errors[f] = f"{e.kind}: {e.message}"
+        logits = model.infer(np.stack(arrays)) if arrays else np.zeros((0, len(classes)), np.float32)
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        probs = e / e.sum(1, keepdims=True)
+        order = np.argsort(-logits, axis=1, kind="stable")[:, : min(args.top_k, len(classes))]
+        res = {f: [{"class": classes[j], "index": int(j), "prob": float(probs[r, j])} for j in order[r]]
+               for r, f in enumerate(good)}
+        for f in chunk:
+            row = {"image": f, "top": res[f]} if f in res else {"image": f, "error": errors[f]}
+            print(json.dumps(row) if args.json else (f"{f}: " + (", ".join(f"{t['class']} {t['prob']:.3f}" for t in row["top"])
+                                                                 if "top" in row else f"cannot read ({row['error']})")))
+            if first:
+                print(f"# cold start to first prediction: {time.perf_counter() - T0:.3f}s", file=sys.stderr)
+                first = False
+
+
+def cmd_bench(args: argparse.Namespace, root: Path, manifest: dict[str, Any]) -> None:
+    import numpy as np
+    model, desc = open_model(root, manifest, args.backend, args.precision)
+    pre = Preprocess.from_dict(manifest["preprocess"])
+    rng = np.random.default_rng(0)
+    results = []
+    for b in args.batches:
+        x = rng.standard_normal((b, *pre.input_shape)).astype(np.float32)
+        results.append(timing.summarize(timing.time_calls(lambda: model.infer(x), model.synchronize,
+                                                          budget_s=args.budget), b))
+    out = {"runtime": desc, "fingerprint": engine.fingerprint(engine.import_tensorrt()) if engine.tensorrt_available()[0]
+           else {"tensorrt": None}, "power": power_mode(), "latency": results}
+    for r in results:
+        print(f"batch {r['batch']:>3}: p50 {r['p50_ms']:.3f} ms  p90 {r['p90_ms']:.3f}  p99 {r['p99_ms']:.3f}  "
+              f"{r['throughput_ips']:.0f} img/s")
+    pm = out["power"]
+    if pm and not pm.get("max_mode"):
+        print(f"warning: power mode {pm.get('nvpmodel')!r} is not MAXN; run `sudo nvpmodel -m 0 && sudo jetson_clocks` "
+              "for the device's best numbers", file=sys.stderr)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(out, indent=2))
+
+
+def power_mode() -> dict[str, Any] | None:
+    import shutil
+    import subprocess
+    if not Path("/etc/nv_tegra_release").exists():
+        return None
+    mode = None
+    if shutil.which("nvpmodel"):
+        q = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True).stdout
+        mode = next((ln.split(":", 1)[1].strip() for ln in q.splitlines() if "Power Mode" in ln), None)
+    return {"nvpmodel": mode, "max_mode": bool(mode and "MAXN" in mode.upper())}
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    parts = [int(p) for p in text.split(",")]
+    parts = parts * 3 if len(parts) == 1 else parts
+    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
+        raise argparse.ArgumentTypeError("batch must be min,opt,max with 1 <= min <= opt <= max")
+    return parts[0], parts[1], parts[2]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python3 -m tledge_runtime", description=__doc__)
+    ap.add_argument("--bundle", help="bundle folder (default: the folder holding this package)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="manifest, device fingerprint and backends")
+    sub.add_parser("verify", help="check every file against the manifest")
+    b = sub.add_parser("build", help="build the TensorRT engine for this device")
+    b.add_argument("--precision", choices=["int8", "fp16"], default=None)
+    b.add_argument("--batch", type=parse_batch, default=None)
+    b.add_argument("--dla-core", type=int, default=None)
+    b.add_argument("--workspace", type=int, default=1024, help="MiB")
+    b.add_argument("--force", action="store_true")
+    p = sub.add_parser("predict", help="top-k classes for images or folders")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", "-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None)
+    be = sub.add_parser("bench", help="latency with the same statistics as `tledge bench`")
+    be.add_argument("--batch", dest="batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 32])
+    be.add_argument("--budget", type=float, default=2.0)
+    be.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto")
+    be.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None)
+    be.add_argument("--json-out", default=None)
+    ex = sub.add_parser("extract", help="safely extract a bundle .tar.gz")
+    ex.add_argument("archive")
+    ex.add_argument("dest", nargs="?", default=".")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "extract":
+            print(bundle_io.safe_extract(args.archive, args.dest))
+            return 0
+        root = bundle_root(args.bundle)
+        manifest = bundle_io.verify(root)
+        default_prec = manifest.get("engine_defaults", {}).get("precision", "int8")
+        if args.cmd == "info":
+            ok, why = engine.tensorrt_available()
+            print(json.dumps({"bundle": str(root), "runtime": __version__, "tledge": manifest.get("tledge_version"),
+                              "classes": manifest["classes"], "tensorrt": ok or why,
+                              "export": manifest.get("export")}, indent=2))
+        elif args.cmd == "verify":
+            print(f"ok: {len(manifest['files'])} files match {bundle_io.MANIFEST}")
+        elif args.cmd == "build":
+            d = manifest.get("engine_defaults", {})
+            build(root, manifest, args.precision or d.get("precision", "int8"), args.batch or tuple(d.get("batch", (1, 8, 32))),
+                  args.dla_core, args.workspace, args.force)
+        elif args.cmd == "predict":
+            args.precision = args.precision or default_prec
+            cmd_predict(args, root, manifest)
+        elif args.cmd == "bench":
+            args.precision = args.precision or default_prec
+            cmd_bench(args, root, manifest)
+    except (bundle_io.BundleError, engine.EngineError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

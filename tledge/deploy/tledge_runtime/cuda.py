@@ -1,0 +1,124 @@
+"""A minimal CUDA binding over ctypes (libcudart for memory, streams and events; libcuda for the device
+name and compute capability), so TensorRT inference and device fingerprints need neither PyTorch,
+pycuda nor cuda-python: JetPack ships these libraries. Imports nothing heavy; loads libraries on use.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from typing import Any
+
+H2D, D2H = 1, 2
+_libs: dict[str, Any] = {}
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+def _load(kind: str) -> Any:
+    if kind in _libs:
+        return _libs[kind]
+    names = {"cudart": ["libcudart.so", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so.13"],
+             "cuda": ["libcuda.so.1", "libcuda.so"]}[kind]
+    found = ctypes.util.find_library(kind)
+    for name in ([found] if found else []) + names:
+        try:
+            _libs[kind] = ctypes.CDLL(name)
+            return _libs[kind]
+        except OSError:
+            continue
+    raise CudaError(f"the CUDA library {names[0]} was not found (is this a CUDA machine? On a Jetson it "
+                    "comes with JetPack; check LD_LIBRARY_PATH includes /usr/local/cuda/lib64)")
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        rt = _libs.get("cudart")
+        msg = ""
+        if rt is not None:
+            rt.cudaGetErrorString.restype = ctypes.c_char_p
+            msg = rt.cudaGetErrorString(code).decode()
+        raise CudaError(f"{what} failed with CUDA error {code} {msg}")
+
+
+def device_info(index: int = 0) -> dict[str, Any]:
+    """GPU name and compute capability through the driver API; raises CudaError without a GPU."""
+    cu = _load("cuda")
+    _check(cu.cuInit(0), "cuInit")
+    dev = ctypes.c_int()
+    _check(cu.cuDeviceGet(ctypes.byref(dev), index), "cuDeviceGet")
+    name = ctypes.create_string_buffer(256)
+    _check(cu.cuDeviceGetName(name, 256, dev), "cuDeviceGetName")
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _check(cu.cuDeviceGetAttribute(ctypes.byref(major), 75, dev), "cuDeviceGetAttribute(major)")
+    _check(cu.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev), "cuDeviceGetAttribute(minor)")
+    ver = ctypes.c_int()
+    cu.cuDriverGetVersion(ctypes.byref(ver))
+    return {"gpu": name.value.decode(), "compute_capability": f"{major.value}.{minor.value}",
+            "cuda_driver": f"{ver.value // 1000}.{(ver.value % 1000) // 10}"}
+
+
+def l4t_release() -> str | None:
+    """The Jetson Linux (L4T) release from /etc/nv_tegra_release, or None off a Jetson."""
+    try:
+        first = open("/etc/nv_tegra_release", encoding="utf-8").readline()
+    except OSError:
+        return None
+    # "# R35 (release), REVISION: 4.1, GCID: ..., BOARD: ..."
+    parts = first.replace("#", "").split(",")
+    try:
+        major = parts[0].split()[0].lstrip("R")
+        rev = parts[1].split(":")[1].strip()
+        return f"{major}.{rev}"
+    except (IndexError, ValueError):
+        return first.strip()
+
+
+class DeviceBuffer:
+    """Device memory of ``nbytes`` (cudaMalloc), freed on close."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.rt = _load("cudart")
+        self.ptr = ctypes.c_void_p()
+        self.nbytes = nbytes
+        _check(self.rt.cudaMalloc(ctypes.byref(self.ptr), ctypes.c_size_t(max(nbytes, 1))), "cudaMalloc")
+
+    def close(self) -> None:
+        if self.ptr:
+            self.rt.cudaFree(self.ptr)
+            self.ptr = ctypes.c_void_p()
+
+
+class Stream:
+    def __init__(self) -> None:
+        self.rt = _load("cudart")
+        self.handle = ctypes.c_void_p()
+        _check(self.rt.cudaStreamCreate(ctypes.byref(self.handle)), "cudaStreamCreate")
+
+    def copy_in(self, dst: DeviceBuffer, src: Any) -> None:
+        _check(self.rt.cudaMemcpyAsync(dst.ptr, ctypes.c_void_p(src.ctypes.data), ctypes.c_size_t(src.nbytes), H2D,
+                                       self.handle), "cudaMemcpyAsync H2D")
+
+    def copy_out(self, dst: Any, src: DeviceBuffer) -> None:
+        _check(self.rt.cudaMemcpyAsync(ctypes.c_void_p(dst.ctypes.data), src.ptr, ctypes.c_size_t(dst.nbytes), D2H,
+                                       self.handle), "cudaMemcpyAsync D2H")
+
+    def synchronize(self) -> None:
+        _check(self.rt.cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        if self.handle:
+            self.rt.cudaStreamDestroy(self.handle)
+            self.handle = ctypes.c_void_p()
+
+
+def available() -> tuple[bool, str]:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False, "CUDA_VISIBLE_DEVICES is empty"
+    try:
+        device_info()
+        return True, ""
+    except CudaError as exc:
+        return False, str(exc)
