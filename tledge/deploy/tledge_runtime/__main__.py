@@ -37,23 +37,40 @@ def engine_path(root: Path, precision: str, fp: dict[str, Any]) -> Path:
     return engine_dir(root, fp) / f"model.{precision}.engine"
 
 
+def engine_status(dest: Path, manifest: dict[str, Any], precision: str, batch: Sequence[int], dla_core: int | None,
+                  fp: dict[str, Any]) -> tuple[bool, str]:
+    """(reusable, why): an engine is reused only when it was built here from this bundle's graph with these
+    options; anything else (missing, foreign device, other TensorRT, other graph or profile) is rebuilt."""
+    side = Path(str(dest) + ".json")
+    if not dest.is_file() or not side.is_file():
+        return False, "no engine for this device yet"
+    try:
+        sc = json.loads(side.read_text())
+    except ValueError:
+        return False, "its sidecar is unreadable"
+    problems = engine.compatibility_problems(sc, fp)
+    if problems:
+        return False, "; ".join(problems)
+    if sc.get("onnx_sha256") != manifest["files"].get(ONNX[precision]):
+        return False, "it was built from another graph"
+    prof = sc.get("profile", {})
+    if [prof.get("min"), prof.get("opt"), prof.get("max")] != list(batch) or sc.get("dla_core") != dla_core:
+        return False, "it was built with another batch profile or DLA setting"
+    return True, "built for this device from this graph"
+
+
 def build(root: Path, manifest: dict[str, Any], precision: str, batch: tuple[int, int, int], dla_core: int | None,
           workspace: int, force: bool) -> Path:
     trt = engine.import_tensorrt()
     fp = engine.fingerprint(trt)
     dest = engine_path(root, precision, fp)
-    side = Path(str(dest) + ".json")
-    if dest.is_file() and side.is_file() and not force:
-        sc = json.loads(side.read_text())
-        same_src = sc.get("onnx_sha256") == manifest["files"].get(ONNX[precision])
-        same_opts = sc.get("profile", {}).get("max") == batch[2] and sc.get("dla_core") == dla_core
-        if same_src and same_opts and not engine.compatibility_problems(sc, fp):
-            print(f"engine for this device already built: {dest}")
-            return dest
-        print("existing engine is stale (other graph, options or device): rebuilding")
+    ok, why = engine_status(dest, manifest, precision, batch, dla_core, fp)
+    if ok and not force:
+        print(f"engine for this device already built: {dest}")
+        return dest
+    print(f"building the {precision} engine ({why}) for {fp.get('gpu')} (TensorRT {fp.get('tensorrt')}, "
+          f"L4T {fp.get('l4t')}); this takes minutes on a Jetson")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    print(f"building the {precision} engine for {fp.get('gpu')} (TensorRT {fp.get('tensorrt')}, L4T {fp.get('l4t')}); "
-          "this takes minutes on a Jetson")
     engine.build(root / ONNX[precision], dest, precision, batch, workspace, dla_core,
                  timing_cache=dest.parent / "timing.cache")
     print(f"wrote {dest}")
