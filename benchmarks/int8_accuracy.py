@@ -134,7 +134,7 @@ def bench_backbone(name: str, data: Path, size: int, tmp: Path) -> dict:
     ours = []
     for label, cle, bc, refit in ABLATION:
         cfg = ExportConfig(int8=True, max_drop=100.0, fallback=False, cle=cle, bias_correction=bc, head_refit=refit,
-                           threads=2)
+                           threads=2, calib=str(ROOT / "calibration" / "fashion-mnist"))
         manifest: dict = {"artefacts": {}, "checks": {}}
         t0 = time.perf_counter()
         info = int8_graphs(run, card, cfg, fp32, rep, ev, ref, manifest)

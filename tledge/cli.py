@@ -86,6 +86,7 @@ def tune(data: Path, out: Path, backbone: str, weights: str, image_size: int | N
          ft_epochs: int, ft_lr: float, val_fraction: float, seed: int, workers: int, cache_dir: Path | None,
          resume: bool, overwrite: bool) -> None:
     """Fine-tune a classification head on a pretrained BACKBONE from the ImageFolder DATA."""
+    from tledge.distributed import from_env, shutdown
     from tledge.tune import TuneConfig, run_tune
 
     cfg = TuneConfig(backbone=backbone, weights=weights, image_size=image_size, head=head, epochs=epochs,
@@ -93,7 +94,17 @@ def tune(data: Path, out: Path, backbone: str, weights: str, image_size: int | N
                      balance=not no_balance, unfreeze=unfreeze, ft_epochs=ft_epochs, ft_lr=ft_lr,
                      val_fraction=val_fraction, seed=seed, workers=workers,
                      cache_dir=str(cache_dir) if cache_dir else None)
-    card = run_tune(data, out, cfg, resume=resume, overwrite=overwrite)
+    d = from_env()  # torchrun: join the process group (no-op for one process)
+    try:
+        card = run_tune(data, out, cfg, resume=resume, overwrite=overwrite, dist=d)
+    except BaseException as exc:
+        if d.enabled:  # say which rank failed; torchrun then stops the others
+            click.echo(f"rank {d.rank}/{d.world} failed: {exc}", err=True)
+        raise
+    finally:
+        shutdown(d)
+    if not d.is_main:
+        return
     m = card["metrics"]["val"]
     click.echo(f"val top-1 {m['top1']:.4f} on {m['n']} images; run written to {out} "
                f"(checkpoint.safetensors, model_card.json, metrics.csv, training_curve.png) "

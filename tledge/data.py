@@ -116,7 +116,7 @@ def _class_dirs(root: Path, ignored: list[dict[str, str]]) -> dict[str, list[str
 
 
 def scan(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0, workers: int | None = None,
-         ) -> ScanReport:
+         dist: Any = None) -> ScanReport:
     """Scan an ImageFolder (``root/train/<class>``, ``root/val/<class>``, or ``root/<class>`` split by a
     seeded stratified ``val_fraction``), decode every image, and stop on fatal problems."""
     root_p = Path(root)
@@ -149,16 +149,23 @@ def scan(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0, work
     problems: list[dict[str, str]] = []
     converted: Counter[str] = Counter()
     ok: dict[str, str] = {}
+    paths = [f[0] for f in all_files]
+    mine = dist.shard(paths) if dist is not None else paths  # with torchrun, each rank decodes its share
+    probed = []
     with progress() as prog, ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as ex:
-        task = prog.add_task("scan", total=len(all_files), info="")
-        for path, digest, kind, problem in ex.map(_probe, [f[0] for f in all_files], chunksize=16):
+        task = prog.add_task("scan", total=len(mine), info="")
+        for res in ex.map(_probe, mine, chunksize=16):
             prog.advance(task)
-            if problem:
-                problems.append({"path": path, "kind": problem[0], "message": problem[1]})
-            else:
-                ok[path] = digest  # type: ignore[assignment]
-                if kind:
-                    converted[kind] += 1
+            probed.append(res)
+    if dist is not None:
+        probed = dist.unshard(dist.all_gather(probed))
+    for path, digest, kind, problem in probed:
+        if problem:
+            problems.append({"path": path, "kind": problem[0], "message": problem[1]})
+        else:
+            ok[path] = digest  # type: ignore[assignment]
+            if kind:
+                converted[kind] += 1
     index = {c: i for i, c in enumerate(classes)}
     train = [Sample(p, index[c], ok[p]) for p, split, c in all_files if split == "train" and p in ok]
     val = [Sample(p, index[c], ok[p]) for p, split, c in all_files if split == "val" and p in ok]

@@ -28,6 +28,7 @@ import tledge
 from tledge import backbones, card as card_mod
 from tledge.console import err, note, progress, warn
 from tledge.data import ScanReport, format_report, scan
+from tledge.distributed import Dist, maybe_inject_fault
 from tledge.errors import DataError, RunDirError, UsageError
 from tledge.features import FeatureCache, ImageDataset, default_cache_dir, extract
 from tledge.fsutil import atomic_path, sha256_json
@@ -219,9 +220,16 @@ def _augment(pre: Any, crop: int) -> Callable[[Any], np.ndarray]:
     return run
 
 
-def evaluate(model: nn.Module, samples: list, pre: Any, cfg: TuneConfig, label: str = "eval") -> np.ndarray:
-    """Logits of the full network on ``samples`` (eval mode)."""
+def evaluate(model: nn.Module, samples: list, pre: Any, cfg: TuneConfig, label: str = "eval",
+             d: Dist | None = None) -> np.ndarray:
+    """Logits of the full network on ``samples`` (eval mode); with several ranks each evaluates its share
+    and the logits are all-gathered in order."""
     from torch.utils.data import DataLoader
+
+    if d is not None and d.enabled:
+        mine = evaluate(model, d.shard(samples), pre, cfg, label)
+        rows = d.unshard([list(part) for part in d.all_gather(mine)])
+        return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
     ds = ImageDataset(samples, pre)
     loader = DataLoader(ds, batch_size=cfg.extract_batch_size, num_workers=cfg.workers)
@@ -237,9 +245,13 @@ def evaluate(model: nn.Module, samples: list, pre: Any, cfg: TuneConfig, label: 
 
 
 def finetune(model: Classifier, spec: backbones.BackboneSpec, report: ScanReport, pre: Any, cfg: TuneConfig,
-             resume: ResumeState | None, start: dict[str, Any] | None) -> tuple[list[dict[str, float]], dict[str, Any]]:
-    """Fine-tune the last ``cfg.unfreeze`` stages and the head, BatchNorm in eval mode."""
-    from torch.utils.data import DataLoader
+             resume: ResumeState | None, start: dict[str, Any] | None, d: Dist | None = None,
+             ) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """Fine-tune the last ``cfg.unfreeze`` stages and the head, BatchNorm in eval mode. With several ranks:
+    DistributedDataParallel, a DistributedSampler and all-reduced metrics (same global batch size)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    d = d or Dist()
 
     stages = spec.stages(model.backbone)
     if not 0 < cfg.unfreeze <= len(stages):
@@ -269,18 +281,30 @@ def finetune(model: Classifier, spec: backbones.BackboneSpec, report: ScanReport
         note(f"resuming fine-tuning at epoch {epoch0 + 1}/{cfg.ft_epochs}")
     else:
         # Epoch 0 is the linear-probe model itself: fine-tuning must beat it to be kept.
-        logits = evaluate(model, report.val, pre, cfg, "val")
+        logits = evaluate(model, report.val, pre, cfg, "val", d)
         best = {"acc": float((logits.argmax(1) == yva).mean()), "epoch": 0,
                 "state": {k2: v.clone() for k2, v in model.state_dict().items()}}
-    steps = max(1, math.ceil(len(ds) / cfg.ft_batch_size))
+    bs = max(1, cfg.ft_batch_size // d.world)  # per rank: the global batch stays ft_batch_size
+    net: nn.Module = model
+    sampler = None
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, device_ids=None)
+        sampler = DistributedSampler(ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=len(ds) > cfg.ft_batch_size)
+    steps = max(1, math.ceil(len(ds) / (bs * d.world)))
     total = cfg.ft_epochs * steps
     for epoch in range(epoch0, cfg.ft_epochs):
         g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-        torch.manual_seed(cfg.seed * 7919 + epoch)
-        loader = DataLoader(ds, batch_size=cfg.ft_batch_size, shuffle=True, generator=g,
-                            num_workers=cfg.workers, drop_last=len(ds) > cfg.ft_batch_size)
-        model.train()
-        BNFrozen.apply(model)
+        torch.manual_seed(cfg.seed * 7919 + epoch + 1000003 * d.rank)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            loader = DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=cfg.workers)
+        else:
+            loader = DataLoader(ds, batch_size=bs, shuffle=True, generator=g,
+                                num_workers=cfg.workers, drop_last=len(ds) > cfg.ft_batch_size)
+        net.train()
+        BNFrozen.apply(net)
         tot, n = 0.0, 0
         with progress() as prog:
             task = prog.add_task(f"fine-tune {epoch + 1}/{cfg.ft_epochs}", total=len(loader), info="")
@@ -288,19 +312,21 @@ def finetune(model: Classifier, spec: backbones.BackboneSpec, report: ScanReport
                 _set_lr(opt, _cosine(epoch * steps + s, total, 1.0, warmup=min(steps, 50)))
                 if not ok.all():
                     x, y = x[ok], y[ok]
-                loss = loss_fn(model(x), y)
+                loss = loss_fn(net(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 tot += loss.item() * len(y)
                 n += len(y)
                 prog.advance(task)
-        logits = evaluate(model, report.val, pre, cfg, "val")
+        tot, n = d.all_reduce_sum([tot, float(n)])
+        logits = evaluate(model, report.val, pre, cfg, "val", d)
         acc = float((logits.argmax(1) == yva).mean())
         history.append({"phase": "finetune", "epoch": epoch + 1, "train_loss": tot / max(n, 1),
                         "val_loss": float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(yva).long())),
                         "val_acc": acc, "lr": opt.param_groups[1]["lr"]})
-        note(f"fine-tune epoch {epoch + 1}/{cfg.ft_epochs}: val top-1 {acc:.4f}")
+        if d.is_main:
+            note(f"fine-tune epoch {epoch + 1}/{cfg.ft_epochs}: val top-1 {acc:.4f}")
         if acc > best["acc"]:
             best = {"acc": acc, "epoch": epoch + 1, "state": {k2: v.clone() for k2, v in model.state_dict().items()}}
         if resume:
@@ -337,8 +363,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume: bool = False,
-             overwrite: bool = False) -> dict[str, Any]:
-    """Scan, extract (cached) features, train the head, optionally fine-tune, and write the run."""
+             overwrite: bool = False, dist: Dist | None = None) -> dict[str, Any]:
+    """Scan, extract (cached) features, train the head, optionally fine-tune, and write the run.
+    With ``dist`` (torchrun), work is shared across ranks and only rank 0 writes (tledge.distributed)."""
+    d = dist or Dist()
     out = Path(out_dir)
     spec = backbones.get(cfg.backbone)
     if cfg.head not in ("linear", "mlp"):
@@ -352,37 +380,63 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
                          f"{spec.size_multiple}.", f"pass --image-size {spec.size_multiple} (or a multiple).")
     if cfg.unfreeze < 0:
         raise UsageError(f"--unfreeze {cfg.unfreeze} is negative.", "pass 0 (frozen) or a positive count.")
-    _prepare_run_dir(out, resume, overwrite)
+    if d.is_main:
+        _prepare_run_dir(out, resume, overwrite)
+    d.barrier()
     t0 = time.perf_counter()
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        report = scan(data_dir, cfg.val_fraction, cfg.seed)
-        err.print(format_report(report))
+        if d.enabled and d.is_main:
+            note(f"distributed tune: world size {d.world}, backend {d.backend}")
+        report = scan(data_dir, cfg.val_fraction, cfg.seed, dist=d if d.enabled else None)
+        if d.is_main:
+            err.print(format_report(report))
+        maybe_inject_fault(d, "scan")
+        # Seed before building: a randomly initialised backbone must be the same on every rank and run.
+        torch.manual_seed(cfg.seed)
         model, winfo = backbones.build_backbone(spec, cfg.weights)
-        if winfo["source"] == "none":
+        if winfo["source"] == "none" and d.is_main:
             warn("[bold red]--weights none: the backbone is RANDOMLY INITIALISED, not pretrained. "
                  "Expect poor accuracy; use this only for tests.[/]")
         torch.manual_seed(cfg.seed)
         run_key = sha256_json({"cfg": cfg.training_key(), "data": report.identity(), "weights": winfo.get("sha256")})
         state = ResumeState(out, run_key)
         start = None
-        if state.exists():
-            if resume:
-                start = state.load()
-            else:
-                note(f"{state.dir} holds an interrupted run; starting clean (pass --resume to continue it).")
-                state.clear()
-        elif resume:
-            note(f"nothing to resume in {out}; starting from the beginning.")
+        if d.is_main:
+            if state.exists():
+                if resume:
+                    start = state.load()
+                else:
+                    note(f"{state.dir} holds an interrupted run; starting clean (pass --resume to continue it).")
+                    state.clear()
+            elif resume:
+                note(f"nothing to resume in {out}; starting from the beginning.")
+        start = d.broadcast(start)
 
         cache_key = {"backbone": spec.name, "weights": winfo.get("sha256") or f"random-seed-{cfg.seed}",
                      "preprocess": pre.to_dict(), "dtype": "float32"}
         cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), cache_key)
         t_feat = time.perf_counter()
         # One pass over train and val together: one loader start-up and no pipeline drain in between.
+        # With several ranks, each extracts its share (cache shards readable by any world size) and the
+        # features are all-gathered in order.
         everything = report.train + report.val
-        all_feats, fstat = extract(model, everything, pre, cache, cfg.extract_batch_size, cfg.workers,
-                                   label="features")
+        mine = d.shard(everything)
+        feats_mine, fstat = extract(model, mine, pre, cache, cfg.extract_batch_size, cfg.workers, label="features")
+        if d.enabled:
+            secs = time.perf_counter() - t_feat
+            err.print(f"rank {d.rank}/{d.world}: {len(mine)} images ({fstat['computed']} computed) in {secs:.1f}s, "
+                      f"{fstat['computed'] / max(secs, 1e-9):.1f} img/s")
+            maybe_inject_fault(d, "features")
+            parts = d.all_gather((feats_mine, fstat))
+            rows = d.unshard([list(p[0]) for p in parts])
+            dim = max(p[0].shape[1] for p in parts)
+            all_feats = np.stack(rows) if rows else np.zeros((0, dim), np.float32)
+            fstat = {"cached": sum(p[1]["cached"] for p in parts), "computed": sum(p[1]["computed"] for p in parts),
+                     "failed": sum(p[1]["failed"] for p in parts),
+                     "failed_shas": sorted({x for p in parts for x in p[1]["failed_shas"]}), "world_size": d.world}
+        else:
+            all_feats = feats_mine
         if fstat["failed"]:
             # Files that changed after the scan: drop them, and say so.
             bad = set(fstat["failed_shas"])
@@ -395,7 +449,8 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
             setattr(report, split, [part[i] for i in keep])
             feats[split] = rows[keep]
         t_feat = time.perf_counter() - t_feat
-        note(f"features: {fstat['computed']} computed, {fstat['cached']} from cache ({cache.dir}) in {t_feat:.1f}s")
+        if d.is_main:
+            note(f"features: {fstat['computed']} computed, {fstat['cached']} from cache ({cache.dir}) in {t_feat:.1f}s")
 
         ytr = np.array([s.label for s in report.train])
         yva = np.array([s.label for s in report.val])
@@ -404,18 +459,27 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
         if start and start.get("phase") == "finetune":
             head = make_head(cfg.head, spec.feature_dim, k, cfg.hidden, cfg.dropout)
             history, head_summary = start["head_history"], start["head_summary"]
-        else:
+        elif d.is_main:
+            # The head trains on rank 0 only: on cached features it takes about a second, less than
+            # DistributedDataParallel's per-step all-reduce would add.
             head, history, head_summary = train_head(feats["train"], ytr, feats["val"], yva, k, cfg, state, start)
+        if d.enabled and not (start and start.get("phase") == "finetune"):
+            shared = d.broadcast((head.state_dict(), history, head_summary) if d.is_main else None)
+            if not d.is_main:
+                head = make_head(cfg.head, spec.feature_dim, k, cfg.hidden, cfg.dropout)
+                head.load_state_dict(shared[0])
+                head.eval()
+                history, head_summary = shared[1], shared[2]
         t_head = time.perf_counter() - t_head
         classifier = Classifier(model, head).eval()
         ft_summary = None
         if cfg.unfreeze:
             head_hist = list(history)
             ft_hist, ft_summary = finetune(classifier, spec, report, pre, cfg,
-                                           _FtResume(state, head_hist, head_summary),
-                                           start if start and start.get("phase") == "finetune" else None)
+                                           _FtResume(state, head_hist, head_summary) if d.is_main else None,
+                                           start if start and start.get("phase") == "finetune" else None, d)
             history = head_hist + ft_hist
-            logits = evaluate(classifier, report.val, pre, cfg, "val")
+            logits = evaluate(classifier, report.val, pre, cfg, "val", d)
         else:
             with torch.no_grad():
                 logits = head(torch.from_numpy(feats["val"])).numpy()
@@ -425,6 +489,9 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
             train_acc = float((head(torch.from_numpy(feats["train"])).argmax(1).numpy() == ytr).mean()) \
                 if not cfg.unfreeze else None
 
+        if not d.is_main:
+            d.barrier()  # rank 0 writes the run directory
+            return {}
         save_checkpoint(classifier, out / "checkpoint.safetensors",
                         {"backbone": spec.name, "classes": ",".join(report.classes)})
         write_history_csv(out / "metrics.csv", history)
@@ -443,7 +510,7 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
             "input": {"name": "input", "shape": ["batch", *pre.input_shape], "dtype": "float32"},
             "preprocess": pre.to_dict(),
             "training": {"config": asdict(cfg), "unfreeze": cfg.unfreeze, "head": head_summary,
-                         "finetune": ft_summary, "seed": cfg.seed},
+                         "finetune": ft_summary, "seed": cfg.seed, "world_size": d.world},
             "metrics": {"val": val_metrics, "train_top1": train_acc},
             "timing_s": {"total": round(wall, 3), "features": round(t_feat, 3), "head": round(t_head, 3)},
             "feature_cache": {"dir": str(cache.dir), **{k2: v for k2, v in fstat.items() if k2 != "failed_shas"}},
@@ -453,6 +520,7 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
         }
         card_mod.write(out, card)
         state.clear()
+        d.barrier()
         return card
     except KeyboardInterrupt:
         err.print(f"[bold red]interrupted[/]: finished epochs and cached features are kept; continue with "
