@@ -1,43 +1,17 @@
-"""`tledge predict`: top-k classes from a tuned checkpoint, so a user can try the model at once."""
+"""`tledge predict`: top-k classes from a tuned checkpoint, so a user can try the model at once.
+
+Input expansion and formatting are the deploy runtime's (tledge_runtime.classify), so both print the same.
+"""
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from tledge.data import IMAGE_EXTS
+from tledge.deploy.tledge_runtime.classify import InputError, expand_inputs, format_row, topk
 from tledge.errors import DataError
 from tledge.preprocess import ImageLoadError
-
-
-def expand_inputs(items: list[str]) -> list[str]:
-    """Files as given; folders expanded to their image files (sorted, recursive)."""
-    out: list[str] = []
-    for it in items:
-        p = Path(it)
-        if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS and not f.name.startswith("."))
-        elif p.exists():
-            out.append(str(p))
-        else:
-            raise DataError(f"{p} does not exist.", "pass image files or folders of images.")
-    return out
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def topk(logits: np.ndarray, classes: list[str], k: int) -> list[list[dict[str, Any]]]:
-    probs = softmax(logits)
-    k = min(k, len(classes))
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    return [[{"class": classes[j], "index": int(j), "prob": float(probs[i, j])} for j in row]
-            for i, row in enumerate(order)]
 
 
 def predict_files(run: str | os.PathLike, images: list[str], k: int = 3, batch: int = 32) -> Iterator[dict[str, Any]]:
@@ -49,7 +23,10 @@ def predict_files(run: str | os.PathLike, images: list[str], k: int = 3, batch: 
     card = card_mod.read(run)
     model = load_classifier(run, card)
     pre = card_mod.preprocess_of(card)
-    files = expand_inputs(images)
+    try:
+        files = expand_inputs(images)
+    except InputError as exc:
+        raise DataError(str(exc), "check the paths.") from exc
     for i in range(0, len(files), batch):
         chunk = files[i:i + batch]
         arrays, good, errors = [], [], {}
@@ -69,8 +46,4 @@ def predict_files(run: str | os.PathLike, images: list[str], k: int = 3, batch: 
 
 
 def format_prediction(res: dict[str, Any], as_json: bool) -> str:
-    if as_json:
-        return json.dumps(res)
-    if "error" in res:
-        return f"{res['image']}: cannot read ({res['error']})"
-    return f"{res['image']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in res["top"])
+    return format_row(res, as_json)

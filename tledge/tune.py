@@ -29,7 +29,7 @@ from tledge import backbones, card as card_mod
 from tledge.console import err, note, progress, warn
 from tledge.data import ScanReport, format_report, scan
 from tledge.distributed import Dist, maybe_inject_fault
-from tledge.errors import DataError, RunDirError, UsageError
+from tledge.errors import RunDirError, UsageError
 from tledge.features import FeatureCache, ImageDataset, default_cache_dir, extract
 from tledge.fsutil import atomic_path, sha256_json
 from tledge.model import Classifier, make_head, save_checkpoint
@@ -523,8 +523,8 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
         d.barrier()
         return card
     except KeyboardInterrupt:
-        err.print(f"[bold red]interrupted[/]: finished epochs and cached features are kept; continue with "
-                  f"`--resume` and the same options (or run again without it to start clean).")
+        err.print("[bold red]interrupted[/]: finished epochs and cached features are kept; continue with "
+                  "`--resume` and the same options (or run again without it to start clean).")
         raise
     finally:
         signal.signal(signal.SIGTERM, old)

@@ -192,9 +192,12 @@ def test_require_tensorrt_names_jetpack() -> None:
 
 
 def test_engine_mismatch_messages() -> None:
-    from tledge.runtimes.tensorrt import compatibility_problems
+    from tledge.deploy.tledge_runtime.engine import compatibility_problems
     side = {"fingerprint": {"tensorrt": "8.6.2", "gpu": "Orin", "compute_capability": "8.7"}}
     here = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7"}
     assert compatibility_problems(side, here) == ["built with TensorRT 8.6.2, this machine has 10.3.0"]
     assert compatibility_problems(side, {**here, "tensorrt": "8.6.2"}) == []
+    from tledge.runtimes.tensorrt import TrtRunner
+    with pytest.raises(Exception, match="TensorRT"):  # without TensorRT: the one-line missing-dependency error
+        TrtRunner("model.int8.engine").activate()
     assert "compute capability 8.7" in compatibility_problems(side, {**here, "tensorrt": "8.6.2", "compute_capability": "7.2"})[0]

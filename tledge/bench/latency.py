@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tledge.deploy.tledge_runtime.timing import PERCENTILES, summarize, time_calls  # noqa: F401
+from tledge.deploy.tledge_runtime.timing import summarize, time_calls
 
 
 def measure_model(runner: Any, x: np.ndarray, **kw: Any) -> dict[str, Any]:

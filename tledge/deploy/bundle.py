@@ -23,7 +23,8 @@ from tledge.errors import RunDirError
 from tledge.export.pipeline import FILES, MANIFEST as EXPORT_MANIFEST
 from tledge.fsutil import read_json, sha256_file, write_json
 
-RUNTIME_FILES = ("__init__.py", "__main__.py", "bundle_io.py", "cuda.py", "engine.py", "preprocess.py", "timing.py")
+RUNTIME_FILES = ("__init__.py", "__main__.py", "bundle_io.py", "classify.py", "cuda.py", "engine.py", "preprocess.py",
+                 "timing.py")
 README = """# tledge bundle: {backbone}, {n} classes
 
 Runs with Python 3.8+, numpy and Pillow, plus TensorRT (JetPack) or onnxruntime. No PyTorch.

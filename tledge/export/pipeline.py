@@ -225,7 +225,6 @@ def gate_int8(fp32: Any, stats: dict[str, cal.TensorStats], form: str, method: s
 # ------------------------------------------------------------------------------------------- run
 
 def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
-    import onnx
     import torch
 
     from tledge.export import tensorrt as trt_build
@@ -266,7 +265,7 @@ def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
     torch_top1 = float((ref.argmax(1) == evalset.labels).mean())
     manifest["checks"]["torch"] = {"top1": torch_top1, "n": len(evalset)}
     chk = onnx_io.check(fp32_path, ref, evalset, evalset.labels, cfg.fp32_tol, threads=cfg.threads)
-    fp32_logits = chk.pop("logits")
+    chk.pop("logits")
     manifest["checks"]["fp32"] = chk
     note(f"ONNX FP32 matches PyTorch: max |logit diff| {chk['max_abs_logit_diff']:.2e}, top-1 agreement "
          f"{chk['top1_agreement']:.4f} on {chk['n']} val images")

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from tledge.deploy.tledge_runtime import engine as rt
-from tledge.deploy.tledge_runtime.engine import compatibility_problems  # noqa: F401  (re-exported)
 from tledge.errors import TledgeError
 from tledge.runtimes.base import Runner, register_runner
 

@@ -15,9 +15,8 @@ from typing import Any, Sequence
 T0 = time.perf_counter()  # cold-start reference: interpreter start to first prediction is reported
 
 from . import __version__, bundle_io, engine, timing  # noqa: E402
+from .classify import InputError, expand_inputs, format_row, topk  # noqa: E402
 from .preprocess import ImageLoadError, Preprocess  # noqa: E402
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
 ONNX = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.trt.onnx", "int8-cpu": "model.int8.cpu.onnx"}
 
 
@@ -125,26 +124,13 @@ def open_model(root: Path, manifest: dict[str, Any], backend: str, precision: st
     return m, f"onnxruntime {m.provider} {ONNX[prec]}{note}"
 
 
-def expand(items: Sequence[str]) -> list[str]:
-    out: list[str] = []
-    for it in items:
-        p = Path(it)
-        if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS and not f.name.startswith("."))
-        elif p.exists():
-            out.append(str(p))
-        else:
-            raise bundle_io.BundleError(f"{p} does not exist: pass image files or folders.")
-    return out
-
-
 def cmd_predict(args: argparse.Namespace, root: Path, manifest: dict[str, Any]) -> None:
     import numpy as np
     pre = Preprocess.from_dict(manifest["preprocess"])
     classes = manifest["classes"]
     model, desc = open_model(root, manifest, args.backend, args.precision)
     print(f"# {desc}", file=sys.stderr)
-    files = expand(args.images)
+    files = expand_inputs(args.images)
     first = True
     for i in range(0, len(files), args.batch):
         chunk, arrays, good = files[i:i + args.batch], [], []
@@ -156,15 +142,9 @@ def cmd_predict(args: argparse.Namespace, root: Path, manifest: dict[str, Any]) 
             except ImageLoadError as e:
                 errors[f] = f"{e.kind}: {e.message}"
         logits = model.infer(np.stack(arrays)) if arrays else np.zeros((0, len(classes)), np.float32)
-        e = np.exp(logits - logits.max(1, keepdims=True))
-        probs = e / e.sum(1, keepdims=True)
-        order = np.argsort(-logits, axis=1, kind="stable")[:, : min(args.top_k, len(classes))]
-        res = {f: [{"class": classes[j], "index": int(j), "prob": float(probs[r, j])} for j in order[r]]
-               for r, f in enumerate(good)}
+        res = dict(zip(good, topk(logits, classes, args.top_k)))
         for f in chunk:
-            row = {"image": f, "top": res[f]} if f in res else {"image": f, "error": errors[f]}
-            print(json.dumps(row) if args.json else (f"{f}: " + (", ".join(f"{t['class']} {t['prob']:.3f}" for t in row["top"])
-                                                                 if "top" in row else f"cannot read ({row['error']})")))
+            print(format_row({"image": f, "top": res[f]} if f in res else {"image": f, "error": errors[f]}, args.json))
             if first:
                 print(f"# cold start to first prediction: {time.perf_counter() - T0:.3f}s", file=sys.stderr)
                 first = False
@@ -266,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.cmd == "bench":
             args.precision = args.precision or default_prec
             cmd_bench(args, root, manifest)
-    except (bundle_io.BundleError, engine.EngineError) as exc:
+    except (bundle_io.BundleError, engine.EngineError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

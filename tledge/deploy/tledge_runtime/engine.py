@@ -12,7 +12,6 @@ The .engine file is exactly what TensorRT serialised; facts about it go to ``<en
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import cuda
+from .bundle_io import sha256
 
 TRT_HINT = ("on a Jetson, TensorRT comes with JetPack (sudo apt install nvidia-jetpack; in a venv use "
             "--system-site-packages); on an x86 machine with an NVIDIA GPU: pip install tensorrt")
@@ -107,14 +107,6 @@ def compatibility_problems(sidecar: dict[str, Any], here: dict[str, Any]) -> lis
     return problems
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_atomic(dest: Path, data: bytes | memoryview) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
@@ -175,8 +167,8 @@ def build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, precisio
     _write_atomic(engine_path, memoryview(serialized))
     if cache_path:
         _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
-    sidecar = {"engine": engine_path.name, "onnx": onnx_path.name, "onnx_sha256": _sha256(onnx_path),
-               "engine_sha256": _sha256(engine_path), "precision": precision, "strongly_typed": strongly,
+    sidecar = {"engine": engine_path.name, "onnx": onnx_path.name, "onnx_sha256": sha256(onnx_path),
+               "engine_sha256": sha256(engine_path), "precision": precision, "strongly_typed": strongly,
                "profile": {"input": inp.name, "min": bmin, "opt": bopt, "max": bmax}, "workspace_mib": workspace_mib,
                "dla_core": dla_core, "build_seconds": round(seconds, 2), "fingerprint": fingerprint(trt)}
     _write_atomic(Path(str(engine_path) + ".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
