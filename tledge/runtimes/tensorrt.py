@@ -49,8 +49,14 @@ class TrtRunner(Runner):
             self.engine = None
 
     def describe(self) -> dict[str, Any]:
-        return {"runner": self.name, "device": "cuda", "engine": self.path.name,
-                "tensorrt": getattr(getattr(self.engine, "trt", None), "__version__", None)}
+        d: dict[str, Any] = {"runner": self.name, "device": "cuda", "engine": self.path.name,
+                             "tensorrt": getattr(getattr(self.engine, "trt", None), "__version__", None)}
+        eng = getattr(self.engine, "engine", None)
+        if eng is not None:  # activation memory TensorRT needs on the device (weights not included)
+            size = getattr(eng, "device_memory_size_v2", None) or getattr(eng, "device_memory_size", None)
+            if size is not None:
+                d["gpu_activation_memory_mib"] = size / 2**20
+        return d
 
 
 def _available() -> tuple[bool, str]:

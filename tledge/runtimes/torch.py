@@ -47,8 +47,11 @@ class TorchRunner(Runner):
             self.torch.cuda.synchronize()
 
     def describe(self) -> dict[str, Any]:
-        return {"runner": self.name, "device": self.device, "compile": self.compile, "fp16_autocast": self.fp16,
-                "threads": self.torch.get_num_threads() if hasattr(self, "torch") else self.threads}
+        d = {"runner": self.name, "device": self.device, "compile": self.compile, "fp16_autocast": self.fp16,
+             "threads": self.torch.get_num_threads() if hasattr(self, "torch") else self.threads}
+        if self.device.startswith("cuda") and hasattr(self, "torch"):
+            d["gpu_peak_allocated_mib"] = self.torch.cuda.max_memory_allocated() / 2**20
+        return d
 
 
 def _available() -> tuple[bool, str]:
