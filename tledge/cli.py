@@ -144,6 +144,9 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @click.option("--no-cle", is_flag=True, help="INT8: no cross-layer equalization.")
 @click.option("--no-bias-correction", is_flag=True, help="INT8: no bias correction.")
 @click.option("--no-head-refit", is_flag=True, help="INT8: keep the FP32 head instead of re-fitting it on INT8 features.")
+@click.option("--adaround", is_flag=True, help="INT8: learn each weight's rounding (AdaRound) within --adaround-budget.")
+@click.option("--adaround-budget", type=float, default=60.0, show_default=True,
+              help="INT8: CPU seconds for learned weight rounding, split over the layers.")
 @click.option("--engine", type=click.Choice(["fp16", "int8"]), default=None,
               help="Build this TensorRT engine (fails without TensorRT).")
 @click.option("--batch", default="1,8,32", show_default=True, help="Engine batch profile min,opt,max.")
@@ -157,7 +160,7 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @_handle_errors
 def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: str, percentile: float, calib: str,
            calib_count: int, max_drop: float, no_fallback: bool, no_cle: bool, no_bias_correction: bool,
-           no_head_refit: bool, engine: str | None, batch: str, workspace: int,
+           no_head_refit: bool, adaround: bool, adaround_budget: float, engine: str | None, batch: str, workspace: int,
            dla_core: int | None, timing_cache: Path | None, opset: int, simplify: bool, threads: int | None) -> None:
     """Export RUN as ONNX (checked against PyTorch), FP16/INT8 graphs and TensorRT engines."""
     from tledge.export.pipeline import ExportConfig, run_export
@@ -166,7 +169,8 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
     cfg = ExportConfig(fp16=fp16, int8=int8, forms=forms or ("tensorrt", "cpu"), method=method,
                        percentile=percentile, calib=calib, calib_count=calib_count, max_drop=max_drop,
                        fallback=not no_fallback, cle=not no_cle, bias_correction=not no_bias_correction,
-                       head_refit=not no_head_refit, engine=engine, batch=parse_batch(batch), workspace_mib=workspace,
+                       head_refit=not no_head_refit, adaround=adaround, adaround_budget_s=adaround_budget,
+                       engine=engine, batch=parse_batch(batch), workspace_mib=workspace,
                        dla_core=dla_core, timing_cache=str(timing_cache) if timing_cache else None, opset=opset,
                        simplify=simplify, threads=threads)
     m = run_export(run, cfg)

@@ -11,6 +11,8 @@ quantization. Each technique is switchable and recorded in the export manifest.
 - Bias correction (same paper, sec. 4.2, with empirical input means as in AIMET): the expected output
   shift caused by weight rounding, E[(W_q - W) x] = (W_q - W) E[x], is subtracted from each bias; E[x]
   per input channel comes from the calibration images.
+- Learned weight rounding (AdaRound, Nagel et al. 2020): each weight rounded up or down to reconstruct
+  its layer's FP32 output on calibration images, within a CPU time budget (see ``adaround``).
 - Quantization-tolerant head: the classification head is re-fitted on features computed by the INT8
   backbone on training images (never val), so it learns the decision margins of the features it will
   really see. The FP32 model is unchanged; only the INT8 graph's head differs. Linear heads only.
@@ -156,8 +158,9 @@ def channel_means(model: Any, batches: Iterable[np.ndarray], threads: int | None
     return {n: s / max(count, 1) for n, s in sums.items()}
 
 
-def bias_correct(model: Any, means: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
-    """Subtract (W_q - W) E[x] from every Conv/Gemm bias."""
+def bias_correct(model: Any, means: dict[str, np.ndarray], weight_overrides: dict[str, np.ndarray] | None = None,
+                 ) -> tuple[Any, dict[str, Any]]:
+    """Subtract (W_q - W) E[x] from every Conv/Gemm bias (W_q: nearest rounding, or the learned one)."""
     from onnx import numpy_helper
 
     m = _copy(model)
@@ -169,6 +172,8 @@ def bias_correct(model: Any, means: dict[str, np.ndarray]) -> tuple[Any, dict[st
         w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
         axis = _weight_axis(n)
         q, s = quantize_weight(w, axis)
+        if weight_overrides and n.input[1] in weight_overrides:
+            q = weight_overrides[n.input[1]]
         shape = [1] * w.ndim
         shape[axis] = -1
         dw = q.astype(np.float64) * s.reshape(shape) - w.astype(np.float64)
@@ -261,3 +266,119 @@ def head_weights(model: Any, gemm: Any) -> tuple[np.ndarray, np.ndarray]:
     return w, numpy_helper.to_array(inits[gemm.input[2]]).astype(np.float32)
 
 
+
+
+# ------------------------------------------------------------------------------ learned weight rounding
+
+def layer_io(model: Any, nodes: list[Any], batches: Iterable[np.ndarray], threads: int | None = None,
+             ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """FP32 inputs and outputs of ``nodes`` over ``batches`` (one pass, all layers at once)."""
+    import onnxruntime as ort
+
+    from tledge.runtimes.onnxruntime import session_options
+
+    names = sorted({t for n in nodes for t in (n.input[0], n.output[0])})
+    m = _copy(model)
+    have = {o.name for o in m.graph.output}
+    for t in names:
+        if t not in have:
+            m.graph.output.append(_onnx().ValueInfoProto(name=t))
+    so = session_options(threads)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0].name
+    acc: dict[str, list[np.ndarray]] = {t: [] for t in names}
+    for x in batches:
+        for t, v in zip(names, sess.run(names, {inp: x})):
+            acc[t].append(v)
+    cat = {t: np.concatenate(v) for t, v in acc.items()}
+    return {n.name: (cat[n.input[0]], cat[n.output[0]]) for n in nodes}
+
+
+def adaround(model: Any, batches: list[np.ndarray], budget_s: float = 120.0, min_iters: int = 50,
+             max_iters: int = 1000, reg: float = 0.01, threads: int | None = None, seed: int = 0,
+             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Learned weight rounding (Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training
+    Quantization"; loss and annealing as in AIMET): per Conv/Gemm, choose each weight's rounding (down or
+    up, same per-channel scales) to reconstruct the layer's FP32 output on calibration images. The time
+    budget is split over the layers. Returns {weight initializer: int8 array} for quantize_model's
+    ``weight_overrides`` and a report."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in inits]
+    io = layer_io(model, nodes, batches, threads)
+    zeta, gamma = 1.1, -0.1
+    per_layer = budget_s / max(1, len(nodes))
+    out: dict[str, np.ndarray] = {}
+    gains = []
+    t_start = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    for n in nodes:
+        w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+        axis = _weight_axis(n)
+        q_near, s = quantize_weight(w, axis)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        W, S = torch.from_numpy(w), torch.from_numpy(s.reshape(shape))
+        b = torch.from_numpy(numpy_helper.to_array(inits[n.input[2]]).astype(np.float32)) if len(n.input) > 2 else None
+        x_all, y_all = (torch.from_numpy(a) for a in io[n.name])
+        if n.op_type == "Conv":
+            stride, dil = _attr(n, "strides", [1, 1]), _attr(n, "dilations", [1, 1])
+            pads, groups = _attr(n, "pads", [0, 0, 0, 0]), _attr(n, "group", 1)
+
+            def fwd(x: Any, wq: Any) -> Any:
+                x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+                return F.conv2d(x, wq, b, stride, 0, dil, groups)
+        else:
+            trans_b = _attr(n, "transB", 0)
+
+            def fwd(x: Any, wq: Any) -> Any:
+                return F.linear(x, wq if trans_b else wq.t(), b)
+        floor = torch.floor(W / S)
+        rest = (W / S - floor).clamp(1e-4, 1 - 1e-4)
+        V = (-torch.log((zeta - gamma) / (rest - gamma) - 1)).requires_grad_(True)
+        opt = torch.optim.Adam([V], lr=1e-2)
+
+        def h() -> Any:
+            return torch.clamp(torch.sigmoid(V) * (zeta - gamma) + gamma, 0, 1)
+
+        def rec(wq: Any, idx: Any) -> Any:
+            d = fwd(x_all[idx], wq) - y_all[idx]
+            return d.pow(2).sum(1).mean()
+
+        t0 = time.perf_counter()
+        it, iters_cap = 0, max_iters
+        bs = min(8, len(x_all))
+        while it < iters_cap:
+            idx = torch.randint(0, len(x_all), (bs,), generator=g)
+            frac = it / iters_cap
+            beta = 20 - (20 - 2) * max(0.0, (frac - 0.2) / 0.8)
+            wq = S * torch.clamp(floor + h(), -127, 127)
+            loss = rec(wq, idx)
+            if frac >= 0.2:  # warm-up without the rounding regulariser, then anneal beta 20 -> 2
+                loss = loss + reg * (1 - (2 * h() - 1).abs().pow(beta)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            it += 1
+            if it == min_iters:  # set this layer's iteration count from the time the first ones took
+                per_it = (time.perf_counter() - t0) / it
+                iters_cap = int(np.clip(per_layer / max(per_it, 1e-6), min_iters, max_iters))
+        with torch.no_grad():
+            q = torch.clamp(floor + (h() >= 0.5).float(), -127, 127)
+            eval_idx = torch.arange(min(len(x_all), 32))
+            err_ada = float(rec(S * q, eval_idx))
+            err_near = float(rec(S * torch.from_numpy(q_near.astype(np.float32)), eval_idx))
+        if err_ada < err_near:  # keep nearest rounding where learning did not help
+            out[n.input[1]] = q.numpy().astype(np.int8)
+        gains.append((err_near, min(err_ada, err_near), it))
+    report = {"layers": len(nodes), "improved": len(out), "seconds": round(time.perf_counter() - t_start, 1),
+              "budget_s": budget_s, "mean_iters": float(np.mean([gi[2] for gi in gains])) if gains else 0,
+              "recon_error_nearest": float(np.sum([gi[0] for gi in gains])),
+              "recon_error_learned": float(np.sum([gi[1] for gi in gains]))}
+    return out, report

@@ -51,6 +51,9 @@ class ExportConfig:
     cle: bool = True                      # cross-layer equalization (exact pairs only)
     bias_correction: bool = True
     head_refit: bool = True               # re-fit the linear head on INT8 features of training images
+    adaround: bool = False                # learned weight rounding (off by default: see README, INT8)
+    adaround_budget_s: float = 60.0       # CPU seconds for learned rounding, split over the layers
+    adaround_images: int = 32
     refit_count: int = 4000               # training images used for the head refit (stratified)
     engine: str | None = None             # None | fp16 | int8 (explicit: fail without TensorRT)
     auto_engine: bool = True              # build engines for the asked precisions when TensorRT is here
@@ -149,19 +152,21 @@ def _ort_logits(model: Any, batches: list[np.ndarray], threads: int | None) -> n
 
 
 def choose_method(fp32: Any, stats: dict[str, cal.TensorStats], form: str, cfg: ExportConfig,
-                  probe: list[np.ndarray], probe_ref: np.ndarray) -> tuple[str, dict[str, float]]:
+                  probe: list[np.ndarray], probe_ref: np.ndarray, overrides: dict[str, np.ndarray] | None = None,
+                  ) -> tuple[str, dict[str, float]]:
     """With --method auto, the method whose INT8 logits are closest (MSE) to FP32 on calibration images
     (never on val: the val split only judges the result)."""
     methods = cal.METHODS if cfg.method == "auto" else (cfg.method,)
     scores = {}
     for m in methods:
-        q = quantize_model(fp32, stats, form, m, cfg.percentile)
+        q = quantize_model(fp32, stats, form, m, cfg.percentile, weight_overrides=overrides)
         scores[m] = float(np.mean((_ort_logits(q, probe, cfg.threads) - probe_ref) ** 2))
     return min(scores, key=scores.get), scores
 
 
 def sensitivity(fp32: Any, stats: dict[str, cal.TensorStats], form: str, method: str, cfg: ExportConfig,
-                probe: list[np.ndarray], probe_ref: np.ndarray) -> list[tuple[str, float]]:
+                probe: list[np.ndarray], probe_ref: np.ndarray, overrides: dict[str, np.ndarray] | None = None,
+                ) -> list[tuple[str, float]]:
     """Per quantized layer: the logit MSE (vs FP32, calibration images) when that layer alone stays in
     float. Sorted, most helpful first."""
     nodes = quantizable_nodes(fp32, FORMS[form])
@@ -169,21 +174,21 @@ def sensitivity(fp32: Any, stats: dict[str, cal.TensorStats], form: str, method:
     with progress() as prog:
         task = prog.add_task(f"sensitivity ({form})", total=len(nodes), info="")
         for n in nodes:
-            q = quantize_model(fp32, stats, form, method, cfg.percentile, exclude={n})
+            q = quantize_model(fp32, stats, form, method, cfg.percentile, exclude={n}, weight_overrides=overrides)
             out.append((n, float(np.mean((_ort_logits(q, probe, cfg.threads) - probe_ref) ** 2))))
             prog.advance(task)
     return sorted(out, key=lambda t: t[1])
 
 
 def gate_int8(fp32: Any, stats: dict[str, cal.TensorStats], form: str, method: str, cfg: ExportConfig,
-              evalset: EvalSet, ref: np.ndarray, probe: list[np.ndarray], probe_ref: np.ndarray
-              ) -> tuple[Any, dict[str, Any]]:
+              evalset: EvalSet, ref: np.ndarray, probe: list[np.ndarray], probe_ref: np.ndarray,
+              overrides: dict[str, np.ndarray] | None = None) -> tuple[Any, dict[str, Any]]:
     """Quantize, measure the val drop, and keep the most sensitive layers in float until the drop is
     within --max-drop. Raises AccuracyError (saying how far it got) when it cannot."""
     from tledge.export.quantize import ensure_node_names
 
     ensure_node_names(fp32)
-    q = quantize_model(fp32, stats, form, method, cfg.percentile)
+    q = quantize_model(fp32, stats, form, method, cfg.percentile, weight_overrides=overrides)
     with progress() as prog:
         prog.add_task(f"val INT8 ({form})", total=None, info="")
         res = compare(_ort_logits(q, list(evalset.batches(32)), cfg.threads), ref, evalset.labels)
@@ -197,12 +202,12 @@ def gate_int8(fp32: Any, stats: dict[str, cal.TensorStats], form: str, method: s
         raise AccuracyError(f"INT8 {form} loses {res['drop_points']:.2f} points of top-1 (limit --max-drop "
                             f"{cfg.max_drop}) and --no-fallback forbids keeping layers in float.",
                             "allow the fallback, raise --max-drop, or use --fp16.")
-    ranked = sensitivity(fp32, stats, form, method, cfg, probe, probe_ref)
+    ranked = sensitivity(fp32, stats, form, method, cfg, probe, probe_ref, overrides)
     limit = max(1, int(len(ranked) * cfg.max_fallback_fraction))
     k, best = 1, res
     while True:
         keep = {n for n, _ in ranked[:k]}
-        q = quantize_model(fp32, stats, form, method, cfg.percentile, exclude=keep)
+        q = quantize_model(fp32, stats, form, method, cfg.percentile, exclude=keep, weight_overrides=overrides)
         r = compare(_ort_logits(q, list(evalset.batches(32)), cfg.threads), ref, evalset.labels)
         report["steps"].append({"kept_float": k, "drop_points": r["drop_points"]})
         note(f"  keeping {k} most sensitive layer(s) in float: drop {r['drop_points']:.2f} pt")
@@ -353,8 +358,16 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
     stats, cinfo = calibration_stats(base, samples, pre, run / "calib", cfg.threads, calib)
     cinfo["source"] = where
     manifest["calibration"] = cinfo
+    overrides: dict[str, np.ndarray] = {}
+    if cfg.adaround:
+        n_img = min(cfg.adaround_images, len(calib))
+        overrides, info = improve.adaround(base, [calib.x[i:i + 8].copy() for i in range(0, n_img, 8)],
+                                           cfg.adaround_budget_s, threads=cfg.threads)
+        techniques["adaround"] = info
+        note(f"learned weight rounding: {info['improved']}/{info['layers']} layers improved, output reconstruction "
+             f"error {info['recon_error_nearest']:.3g} -> {info['recon_error_learned']:.3g} in {info['seconds']:.0f}s")
     if cfg.bias_correction:
-        base, info = improve.bias_correct(base, improve.channel_means(base, calib.batches(16), cfg.threads))
+        base, info = improve.bias_correct(base, improve.channel_means(base, calib.batches(16), cfg.threads), overrides)
         techniques["bias_correction"] = info
         note(f"bias correction: {info['layers']} layers, mean |shift| {info['mean_abs_shift']:.2e}")
     calib.close()
@@ -371,13 +384,13 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
     ranges: dict[str, Any] = {}
     out: dict[str, Any] = {"techniques": techniques}
     for form in cfg.forms:
-        method, scores = choose_method(base, stats, form, cfg, probe, probe_ref)
+        method, scores = choose_method(base, stats, form, cfg, probe, probe_ref, overrides)
         if cfg.method == "auto":
             note(f"INT8 {form}: method {method} chosen (logit MSE on calibration images: "
                  + ", ".join(f"{m} {v:.4g}" for m, v in scores.items()) + ")")
-        model = base
+        model, form_overrides = base, overrides
         if train_ev is not None and gemm is not None:
-            q = quantize_model(base, stats, form, method, cfg.percentile)
+            q = quantize_model(base, stats, form, method, cfg.percentile, weight_overrides=overrides)
             feats = improve.features_through(q, gemm.input[0], train_ev.batches(32), cfg.threads)
             w0, b0 = improve.head_weights(base, gemm)
             tr = card["training"]["config"]
@@ -386,9 +399,11 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
                                       tr.get("label_smoothing", 0.1), card["head"].get("dropout", 0.2),
                                       lr=tr.get("lr", 1e-3), seed=tr.get("seed", 0))
             model = improve.with_head(base, gemm, w, b)
+            # the re-fitted head is new weights: nearest rounding for them, not the rounding learned for the old
+            form_overrides = {k: v for k, v in overrides.items() if k != gemm.input[1]}
             techniques.setdefault("head_refit", {"applied": True, "images": len(train_ev), "epochs": epochs,
                                                  "source": "training split"})
-        q, report = gate_int8(model, stats, form, method, cfg, evalset, ref, probe, probe_ref)
+        q, report = gate_int8(model, stats, form, method, cfg, evalset, ref, probe, probe_ref, form_overrides)
         report["method_scores"] = scores
         if form == "tensorrt":
             problems = check_tensorrt_qdq(q)
