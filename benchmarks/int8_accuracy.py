@@ -31,12 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, save, table  # noqa: E402
 
 CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
-ABLATION = [  # (name, cle, bias_correction, head_refit)
-    ("tledge ranges only", False, False, False),
-    ("+ cross-layer equalization", True, False, False),
-    ("+ bias correction", True, True, False),
-    ("+ head refit (all, default)", True, True, True),
-    ("head refit alone", False, False, True),
+ABLATION = [  # (name, cle, bias_correction, head_refit, adaround)
+    ("tledge ranges only", False, False, False, False),
+    ("+ cross-layer equalization", True, False, False, False),
+    ("+ bias correction", True, True, False, False),
+    ("+ head refit (default)", True, True, True, False),
+    ("+ learned rounding, 60 s", True, True, True, True),
+    ("head refit alone", False, False, True, False),
 ]
 
 
@@ -132,9 +133,10 @@ def bench_backbone(name: str, data: Path, size: int, tmp: Path) -> dict:
     calib_x = np.stack([pre(f) for f in calib_files])
     baseline = ort_baseline(run / "model.onnx", calib_x, tmp, ev, ref, ev.labels)
     ours = []
-    for label, cle, bc, refit in ABLATION:
+    for label, cle, bc, refit, ada in ABLATION:
         cfg = ExportConfig(int8=True, max_drop=100.0, fallback=False, cle=cle, bias_correction=bc, head_refit=refit,
-                           threads=2, calib=str(ROOT / "calibration" / "fashion-mnist"))
+                           adaround=ada, adaround_budget_s=60.0, threads=2,
+                           calib=str(ROOT / "calibration" / "fashion-mnist"))
         manifest: dict = {"artefacts": {}, "checks": {}}
         t0 = time.perf_counter()
         info = int8_graphs(run, card, cfg, fp32, rep, ev, ref, manifest)
@@ -145,7 +147,7 @@ def bench_backbone(name: str, data: Path, size: int, tmp: Path) -> dict:
                          "top1": f["top1"], "drop_pt": f["drop_points"], "agreement": f["top1_agreement"],
                          "export_s": secs, "calib_s": manifest["calibration"].get("seconds"),
                          "calib_cache": manifest["calibration"]["cache"]})
-        if label.startswith("+ head refit"):
+        if label == "+ head refit (default)":
             shutil.copy(run / "model.int8.cpu.onnx", tmp / f"tledge_cpu_{name}.onnx")
             techniques = info["techniques"]
     x1 = np.ascontiguousarray(ev.x[:1])

@@ -133,7 +133,8 @@ def weighted_nodes(model: Any) -> list[Any]:
 
 
 def channel_means(model: Any, batches: Iterable[np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
-    """Per-channel means of every Conv/Gemm input over the calibration images (one FP32 pass)."""
+    """Mean of every Conv/Gemm input over the calibration images, per channel and position (C, H, W), so
+    the correction also holds at borders, where the kernel sees padding (one FP32 pass)."""
     import onnxruntime as ort
 
     from tledge.runtimes.onnxruntime import session_options
@@ -152,7 +153,7 @@ def channel_means(model: Any, batches: Iterable[np.ndarray], threads: int | None
     count = 0
     for x in batches:
         for n, v in zip(names, sess.run(names, {inp: x})):
-            mu = v.mean(axis=(2, 3)).sum(axis=0) if v.ndim == 4 else v.sum(axis=0)
+            mu = v.sum(axis=0)
             sums[n] = sums.get(n, 0) + mu.astype(np.float64)
         count += len(x)
     return {n: s / max(count, 1) for n, s in sums.items()}
@@ -181,11 +182,14 @@ def bias_correct(model: Any, means: dict[str, np.ndarray], weight_overrides: dic
         if n.op_type == "Gemm":
             delta = (dw.T if axis == 1 else dw) @ mu
         else:
-            groups = _attr(n, "group", 1)
-            cout, cin_g = dw.shape[:2]
-            dws = dw.sum(axis=(2, 3))
-            per = cout // groups
-            delta = np.array([dws[c] @ mu[(c // per) * cin_g:(c // per + 1) * cin_g] for c in range(cout)])
+            # E[conv(x, dW)] = conv(E[x], dW) by linearity, averaged over output positions
+            import torch
+            import torch.nn.functional as F
+            pads = _attr(n, "pads", [0, 0, 0, 0])
+            x = F.pad(torch.from_numpy(mu[None]), (pads[1], pads[3], pads[0], pads[2]))
+            y = F.conv2d(x, torch.from_numpy(dw), None, _attr(n, "strides", [1, 1]), 0, _attr(n, "dilations", [1, 1]),
+                         _attr(n, "group", 1))
+            delta = y.mean(dim=(0, 2, 3)).numpy()
         b = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64) - delta
         inits[n.input[2]].CopyFrom(numpy_helper.from_array(b.astype(np.float32), n.input[2]))
         shifts.append(float(np.abs(delta).mean()))
