@@ -314,7 +314,8 @@ def adaround(model: Any, batches: list[np.ndarray], budget_s: float = 120.0, min
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in inits]
+    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in inits
+             and (len(n.input) < 3 or n.input[2] in inits)]
     io = layer_io(model, nodes, batches, threads)
     zeta, gamma = 1.1, -0.1
     per_layer = budget_s / max(1, len(nodes))
