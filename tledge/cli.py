@@ -191,12 +191,13 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
 @click.option("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime (default: all cores).")
 @click.option("--no-e2e", is_flag=True, help="Skip end-to-end (decode + preprocess + infer) timing.")
 @click.option("--compile", "use_compile", is_flag=True, help="Also time torch.compile.")
+@click.option("--cuda-graph", is_flag=True, help="Also time TensorRT engines replayed as CUDA graphs.")
 @click.option("--max-images", type=int, default=None, help="Use at most this many val images for accuracy.")
 @click.option("--compare", "compare_with", type=click.Path(path_type=Path), default=None,
               help="Another bench.json to show side by side.")
 @_handle_errors
 def bench(run: Path, batches: str, budget: float, warmup: int, threads: int | None, no_e2e: bool, use_compile: bool,
-          max_images: int | None, compare_with: Path | None) -> None:
+          cuda_graph: bool, max_images: int | None, compare_with: Path | None) -> None:
     """Latency and accuracy of every artefact in RUN against the PyTorch model."""
     from tledge.bench.report import compare_table, load, print_report, write_all
     from tledge.bench.run import BenchConfig, run_bench
@@ -209,7 +210,8 @@ def bench(run: Path, batches: str, budget: float, warmup: int, threads: int | No
         raise UsageError(f"--batch {batches!r} is not a comma-separated list of sizes.", "pass e.g. --batch 1,8,32.") from None
     other = load(compare_with) if compare_with else None
     result = run_bench(run, BenchConfig(batches=sizes, budget_s=budget, warmup=warmup, threads=threads,
-                                        end_to_end=not no_e2e, compile=use_compile, max_images=max_images))
+                                        end_to_end=not no_e2e, compile=use_compile, cuda_graph=cuda_graph,
+                                        max_images=max_images))
     paths = write_all(result, run)
     print_report(result)
     if other:

@@ -31,6 +31,7 @@ class BenchConfig:
     threads: int | None = None      # None: all cores
     end_to_end: bool = True
     compile: bool = False           # also torch.compile
+    cuda_graph: bool = False        # also TensorRT engines replayed as CUDA graphs
     providers: tuple[str, ...] = ("cpu", "cuda", "tensorrt")
     max_images: int | None = None   # cap on val images for accuracy (None: all)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +87,9 @@ def candidates(run: Path, cfg: BenchConfig) -> list[Candidate]:
         if eng.is_file():
             out.append(Candidate(f"tensorrt-{prec}", prec, "tensorrt", "cuda", lambda e=eng: TrtRunner(e), [eng],
                                  None if trt_ok else trt_why))
+            if cfg.cuda_graph:
+                out.append(Candidate(f"tensorrt-{prec}-cudagraph", prec, "tensorrt + CUDA graph", "cuda",
+                                     lambda e=eng: TrtRunner(e, cuda_graph=True), [eng], None if trt_ok else trt_why))
     return out
 
 

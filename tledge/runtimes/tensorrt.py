@@ -22,15 +22,16 @@ class TrtRunner(Runner):
     name = "tensorrt"
     device = "cuda"
 
-    def __init__(self, engine_path: str | os.PathLike) -> None:
+    def __init__(self, engine_path: str | os.PathLike, cuda_graph: bool = False) -> None:
         self.path = Path(engine_path)
+        self.cuda_graph = cuda_graph
         self.engine: rt.TrtEngine | None = None
 
     def activate(self) -> None:
         from tledge.export.tensorrt import require_tensorrt
         require_tensorrt()
         try:
-            self.engine = rt.TrtEngine(self.path)
+            self.engine = rt.TrtEngine(self.path, cuda_graph=self.cuda_graph)
         except rt.EngineMismatch as exc:
             raise EngineMismatch(str(exc), "rebuild it here: `tledge export RUN --engine ...`, or "
                                  "`python3 -m tledge_runtime build` in the bundle.") from exc
@@ -49,7 +50,7 @@ class TrtRunner(Runner):
             self.engine = None
 
     def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"runner": self.name, "device": "cuda", "engine": self.path.name,
+        d: dict[str, Any] = {"runner": self.name, "device": "cuda", "engine": self.path.name, "cuda_graph": self.cuda_graph,
                              "tensorrt": getattr(getattr(self.engine, "trt", None), "__version__", None)}
         eng = getattr(self.engine, "engine", None)
         if eng is not None:  # activation memory TensorRT needs on the device (weights not included)

@@ -114,6 +114,36 @@ class Stream:
             self.handle = ctypes.c_void_p()
 
 
+class Graph:
+    """A CUDA graph captured from the work queued on ``stream`` between ``begin`` and ``end``, replayed by
+    ``launch``. Uses cudaGraphInstantiateWithFlags (CUDA 11.4+, the same signature on 12.x)."""
+
+    THREAD_LOCAL = 1  # cudaStreamCaptureModeThreadLocal
+
+    def __init__(self, stream: Stream) -> None:
+        self.rt, self.stream = _load("cudart"), stream
+        self.graph, self.exec = ctypes.c_void_p(), ctypes.c_void_p()
+
+    def begin(self) -> None:
+        _check(self.rt.cudaStreamBeginCapture(self.stream.handle, self.THREAD_LOCAL), "cudaStreamBeginCapture")
+
+    def end(self) -> None:
+        _check(self.rt.cudaStreamEndCapture(self.stream.handle, ctypes.byref(self.graph)), "cudaStreamEndCapture")
+        _check(self.rt.cudaGraphInstantiateWithFlags(ctypes.byref(self.exec), self.graph, ctypes.c_ulonglong(0)),
+               "cudaGraphInstantiateWithFlags")
+
+    def launch(self) -> None:
+        _check(self.rt.cudaGraphLaunch(self.exec, self.stream.handle), "cudaGraphLaunch")
+
+    def close(self) -> None:
+        if self.exec:
+            self.rt.cudaGraphExecDestroy(self.exec)
+            self.exec = ctypes.c_void_p()
+        if self.graph:
+            self.rt.cudaGraphDestroy(self.graph)
+            self.graph = ctypes.c_void_p()
+
+
 def available() -> tuple[bool, str]:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return False, "CUDA_VISIBLE_DEVICES is empty"

@@ -176,9 +176,15 @@ def build(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, precisio
 
 
 class TrtEngine:
-    """A deserialised engine with device buffers for its largest profile; ``infer`` is synchronous."""
+    """A deserialised engine with device buffers for its largest profile; ``infer`` is synchronous.
 
-    def __init__(self, engine_path: str | os.PathLike) -> None:
+    ``cuda_graph=True`` replays each input shape's inference as a CUDA graph (captured on first use, after
+    one ordinary run, as TensorRT's guide advises); the host<->device copies stay outside the graph because
+    copies from pageable host memory cannot be captured."""
+
+    def __init__(self, engine_path: str | os.PathLike, cuda_graph: bool = False) -> None:
+        self.cuda_graph = cuda_graph
+        self.graphs: dict[tuple[int, ...], Any] = {}
         trt = import_tensorrt()
         self.path = Path(engine_path)
         side = Path(str(self.path) + ".json")
@@ -210,11 +216,25 @@ class TrtEngine:
         x = np.ascontiguousarray(x, np.float32)
         if x.shape[0] > self.max_shape[0] or tuple(x.shape[1:]) != tuple(self.max_shape[1:]):
             raise ValueError(f"batch {x.shape} outside the engine's profile (max {self.max_shape})")
-        self.context.set_input_shape(self.input_name, x.shape)
         out = np.empty((x.shape[0], self.num_classes), np.float32)
         self.stream.copy_in(self.d_in, x)
-        if not self.context.execute_async_v3(self.stream.handle.value):
-            raise EngineError("TensorRT execute_async_v3 failed")
+        graph = self.graphs.get(x.shape) if self.cuda_graph else None
+        if graph is not None:
+            self.context.set_input_shape(self.input_name, x.shape)
+            graph.launch()
+        else:
+            self.context.set_input_shape(self.input_name, x.shape)
+            if not self.context.execute_async_v3(self.stream.handle.value):
+                raise EngineError("TensorRT execute_async_v3 failed")
+            if self.cuda_graph:
+                self.stream.synchronize()
+                graph = cuda.Graph(self.stream)
+                graph.begin()
+                ok = self.context.execute_async_v3(self.stream.handle.value)
+                graph.end()
+                if not ok:
+                    raise EngineError("TensorRT execute_async_v3 failed during CUDA graph capture")
+                self.graphs[x.shape] = graph
         self.stream.copy_out(out, self.d_out)
         self.stream.synchronize()
         return out
@@ -223,6 +243,9 @@ class TrtEngine:
         self.stream.synchronize()
 
     def close(self) -> None:
+        for g in self.graphs.values():
+            g.close()
+        self.graphs = {}
         for obj in ("d_in", "d_out", "stream"):
             if hasattr(self, obj):
                 getattr(self, obj).close()
