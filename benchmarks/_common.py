@@ -16,7 +16,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def run_child(args: Sequence[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run a command; return wall seconds, exit code, and the peak RSS (MiB) of the process (or of its
-    largest waited-for child, e.g. a DataLoader worker), read from wait4's rusage."""
+    largest waited-for child, e.g. a DataLoader worker), read from wait4's rusage. Linux keeps ru_maxrss
+    across fork+exec, so the figure is at least the calling process's own RSS: call it from a small
+    process, or have the child report its VmHWM."""
     import tempfile
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
