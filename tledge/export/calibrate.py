@@ -161,10 +161,10 @@ def compute_range(st: TensorStats, method: str, symmetric: bool, percentile: flo
     return (max(st.min, -t), min(st.max, t))
 
 
-def collect(onnx_model: Any, tensor_names: list[str], batches: Iterable[np.ndarray], threads: int | None = None,
-            progress_task: Any = None) -> dict[str, TensorStats]:
-    """Run the FP32 graph over ``batches`` with ``tensor_names`` exposed as outputs and stream their
-    statistics."""
+def probe_session(onnx_model: Any, tensor_names: Iterable[str], threads: int | None = None,
+                  optimize: bool = False) -> tuple[Any, str]:
+    """An onnxruntime CPU session of a copy of ``onnx_model`` with ``tensor_names`` added as outputs, and
+    its input name. ``optimize=False`` keeps the graph as exported, so no probed tensor is fused away."""
     import onnx
     import onnxruntime as ort
 
@@ -176,11 +176,19 @@ def collect(onnx_model: Any, tensor_names: list[str], batches: Iterable[np.ndarr
     for name in tensor_names:
         if name not in have:
             m.graph.output.append(onnx.ValueInfoProto(name=name))
+            have.add(name)
     so = session_options(threads)
-    # Keep the graph as exported: fused/eliminated tensors would not be observable.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    input_name = sess.get_inputs()[0].name
+    return sess, sess.get_inputs()[0].name
+
+
+def collect(onnx_model: Any, tensor_names: list[str], batches: Iterable[np.ndarray], threads: int | None = None,
+            progress_task: Any = None) -> dict[str, TensorStats]:
+    """Run the FP32 graph over ``batches`` with ``tensor_names`` exposed as outputs and stream their
+    statistics."""
+    sess, input_name = probe_session(onnx_model, tensor_names, threads)
     stats = {n: TensorStats() for n in tensor_names}
     for x in batches:
         outs = sess.run(tensor_names, {input_name: x})

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from tledge.export.calibrate import probe_session
 from tledge.export.quantize import _weight_axis, quantize_weight
 
 
@@ -135,20 +136,8 @@ def weighted_nodes(model: Any) -> list[Any]:
 def channel_means(model: Any, batches: Iterable[np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
     """Mean of every Conv/Gemm input over the calibration images, per channel and position (C, H, W), so
     the correction also holds at borders, where the kernel sees padding (one FP32 pass)."""
-    import onnxruntime as ort
-
-    from tledge.runtimes.onnxruntime import session_options
-
     names = sorted({n.input[0] for n in weighted_nodes(model)})
-    m = _copy(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(_onnx().ValueInfoProto(name=n))
-    so = session_options(threads)
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0].name
+    sess, inp = probe_session(model, names, threads)
     sums: dict[str, np.ndarray] = {}
     count = 0
     for x in batches:
@@ -208,14 +197,7 @@ def head_gemm(model: Any) -> Any | None:
 
 def features_through(q: Any, gemm_input: str, batches: Iterable[np.ndarray], threads: int | None = None) -> np.ndarray:
     """The features the quantized head sees (after the input's Q/DQ), for ``batches``."""
-    import onnxruntime as ort
-
-    from tledge.runtimes.onnxruntime import session_options
-
-    m = _copy(q)
-    m.graph.output.append(_onnx().ValueInfoProto(name=gemm_input))
-    sess = ort.InferenceSession(m.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0].name
+    sess, inp = probe_session(q, [gemm_input], threads, optimize=True)
     return np.concatenate([sess.run([gemm_input], {inp: x})[0] for x in batches])
 
 
@@ -277,20 +259,8 @@ def head_weights(model: Any, gemm: Any) -> tuple[np.ndarray, np.ndarray]:
 def layer_io(model: Any, nodes: list[Any], batches: Iterable[np.ndarray], threads: int | None = None,
              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """FP32 inputs and outputs of ``nodes`` over ``batches`` (one pass, all layers at once)."""
-    import onnxruntime as ort
-
-    from tledge.runtimes.onnxruntime import session_options
-
     names = sorted({t for n in nodes for t in (n.input[0], n.output[0])})
-    m = _copy(model)
-    have = {o.name for o in m.graph.output}
-    for t in names:
-        if t not in have:
-            m.graph.output.append(_onnx().ValueInfoProto(name=t))
-    so = session_options(threads)
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0].name
+    sess, inp = probe_session(model, names, threads)
     acc: dict[str, list[np.ndarray]] = {t: [] for t in names}
     for x in batches:
         for t, v in zip(names, sess.run(names, {inp: x})):
