@@ -60,7 +60,6 @@ def bench(name: str, size: int, tmp: Path, methods: tuple[str, ...]) -> dict:
     from tledge.bench.latency import measure_model
     from tledge.data import scan
     from tledge.evalset import EvalSet, compare, run_logits
-    from tledge.export import calibrate as cal
     from tledge.export import onnx as onnx_io
     from tledge.export.fp16 import to_fp16
     from tledge.export.pipeline import ExportConfig, _ort_logits, int8_graphs

@@ -347,7 +347,7 @@ def _versions() -> dict[str, str]:
             "numpy": np.__version__, "pillow": PIL.__version__, "python": platform.python_version()}
 
 
-def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def _prepare_run_dir(out: Path, overwrite: bool) -> None:
     finished = card_mod.path(out).is_file()
     if finished and not overwrite:
         raise RunDirError(f"{out} already holds a finished run ({card_mod.path(out)}).",
@@ -381,7 +381,7 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
     if cfg.unfreeze < 0:
         raise UsageError(f"--unfreeze {cfg.unfreeze} is negative.", "pass 0 (frozen) or a positive count.")
     if d.is_main:
-        _prepare_run_dir(out, resume, overwrite)
+        _prepare_run_dir(out, overwrite)
     d.barrier()
     t0 = time.perf_counter()
     old = signal.signal(signal.SIGTERM, _on_sigterm)

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from tledge.export.calibrate import probe_session
-from tledge.export.quantize import _weight_axis, quantize_weight
+from tledge.export.quantize import _weight_axis, consumers_of, quantize_weight
 
 
 def _onnx() -> Any:
@@ -51,10 +51,7 @@ def equalizable_pairs(model: Any) -> list[tuple[Any, Any, str]]:
     """(conv1, conv2, joint): conv1 (ungrouped) feeds only conv2, directly or through one ReLU, the cases
     where equalization is exact. conv2 may be ungrouped or depthwise."""
     inits = {i.name for i in model.graph.initializer}
-    consumers: dict[str, list[Any]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumers_of(model)
     outputs = {o.name for o in model.graph.output}
     pairs = []
     for n in model.graph.node:
@@ -111,10 +108,7 @@ def equalize(model: Any, iterations: int = 2) -> tuple[Any, dict[str, Any]]:
 
 
 def _clip_joined(model: Any) -> int:
-    consumers: dict[str, list[Any]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumers_of(model)
     count = 0
     for n in model.graph.node:
         if n.op_type == "Conv":

@@ -48,6 +48,15 @@ def _onnx() -> Any:
     return onnx
 
 
+def consumers_of(model: Any) -> dict[str, list[Any]]:
+    """Tensor name -> the nodes that read it (a node reading a tensor twice is listed twice)."""
+    out: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
 def quantizable_nodes(model: Any, form: Form) -> list[str]:
     """Names of the nodes the form quantizes (weighted ops with initializer weights, Adds of two
     activations, and for the CPU form pooling)."""
@@ -241,10 +250,7 @@ def check_tensorrt_qdq(model: Any) -> list[str]:
 
     inits = {i.name: i for i in model.graph.initializer}
     problems: list[str] = []
-    consumers: dict[str, list[Any]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumers_of(model)
     n_q = 0
     for n in model.graph.node:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 T0 = time.perf_counter()  # cold-start reference: interpreter start to first prediction is reported
 
 from . import __version__, bundle_io, engine, timing  # noqa: E402
-from .classify import InputError, expand_inputs, format_row, topk  # noqa: E402
-from .preprocess import ImageLoadError, Preprocess  # noqa: E402
+from .classify import InputError, classify_files, expand_inputs, format_row  # noqa: E402
+from .preprocess import Preprocess  # noqa: E402
 ONNX = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.trt.onnx", "int8-cpu": "model.int8.cpu.onnx"}
 
 
@@ -125,29 +125,16 @@ def open_model(root: Path, manifest: dict[str, Any], backend: str, precision: st
 
 
 def cmd_predict(args: argparse.Namespace, root: Path, manifest: dict[str, Any]) -> None:
-    import numpy as np
     pre = Preprocess.from_dict(manifest["preprocess"])
     classes = manifest["classes"]
     model, desc = open_model(root, manifest, args.backend, args.precision)
     print(f"# {desc}", file=sys.stderr)
-    files = expand_inputs(args.images)
     first = True
-    for i in range(0, len(files), args.batch):
-        chunk, arrays, good = files[i:i + args.batch], [], []
-        errors = {}
-        for f in chunk:
-            try:
-                arrays.append(pre(f))
-                good.append(f)
-            except ImageLoadError as e:
-                errors[f] = f"{e.kind}: {e.message}"
-        logits = model.infer(np.stack(arrays)) if arrays else np.zeros((0, len(classes)), np.float32)
-        res = dict(zip(good, topk(logits, classes, args.top_k)))
-        for f in chunk:
-            print(format_row({"image": f, "top": res[f]} if f in res else {"image": f, "error": errors[f]}, args.json))
-            if first:
-                print(f"# cold start to first prediction: {time.perf_counter() - T0:.3f}s", file=sys.stderr)
-                first = False
+    for row in classify_files(expand_inputs(args.images), pre, model.infer, classes, args.top_k, args.batch):
+        print(format_row(row, args.json))
+        if first:
+            print(f"# cold start to first prediction: {time.perf_counter() - T0:.3f}s", file=sys.stderr)
+            first = False
 
 
 def cmd_bench(args: argparse.Namespace, root: Path, manifest: dict[str, Any]) -> None:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+from .preprocess import ImageLoadError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 
@@ -47,3 +49,22 @@ def format_row(res: dict[str, Any], as_json: bool) -> str:
     if "error" in res:
         return f"{res['image']}: cannot read ({res['error']})"
     return f"{res['image']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in res["top"])
+
+
+def classify_files(files: Sequence[str], pre: Callable[[str], np.ndarray], infer: Callable[[np.ndarray], np.ndarray],
+                   classes: Sequence[str], k: int, batch: int = 32) -> Iterator[dict[str, Any]]:
+    """Preprocess and classify ``files`` in batches, yielding one row per file in order: its top-k, or
+    the reason it could not be read (a bad file never stops the others)."""
+    for i in range(0, len(files), batch):
+        chunk = files[i:i + batch]
+        arrays, good, errors = [], [], {}
+        for f in chunk:
+            try:
+                arrays.append(pre(f))
+                good.append(f)
+            except ImageLoadError as e:
+                errors[f] = f"{e.kind}: {e.message}"
+        logits = infer(np.stack(arrays)) if arrays else np.zeros((0, len(classes)), np.float32)
+        ranked = dict(zip(good, topk(logits, classes, k)))
+        for f in chunk:
+            yield {"image": f, "top": ranked[f]} if f in ranked else {"image": f, "error": errors[f]}
