@@ -50,11 +50,14 @@ class ExportConfig:
     max_fallback_fraction: float = 0.25
     cle: bool = True                      # cross-layer equalization (exact pairs only)
     bias_correction: bool = True
+    bias_correction_mode: str = "auto"    # auto (the better on held-out calibration images) | empirical | analytic
+    bias_correction_images: int = 128
     head_refit: bool = True               # re-fit the linear head on INT8 features of training images
     adaround: bool = False                # learned weight rounding (off by default: see README, INT8)
     adaround_budget_s: float = 60.0       # CPU seconds for learned rounding, split over the layers
     adaround_images: int = 32
     refit_count: int = 4000               # training images used for the head refit (stratified)
+    refit_distill: float = 0.0            # weight of distillation from FP32 logits (1 - it: labels)
     engine: str | None = None             # None | fp16 | int8 (explicit: fail without TensorRT)
     auto_engine: bool = True              # build engines for the asked precisions when TensorRT is here
     batch: tuple[int, int, int] = (1, 8, 32)
@@ -366,13 +369,20 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
         techniques["adaround"] = info
         note(f"learned weight rounding: {info['improved']}/{info['layers']} layers improved, output reconstruction "
              f"error {info['recon_error_nearest']:.3g} -> {info['recon_error_learned']:.3g} in {info['seconds']:.0f}s")
-    if cfg.bias_correction:
-        base, info = improve.bias_correct(base, improve.channel_means(base, calib.batches(16), cfg.threads), overrides)
-        techniques["bias_correction"] = info
-        note(f"bias correction: {info['layers']} layers, mean |shift| {info['mean_abs_shift']:.2e}")
+    bc_modes = (() if not cfg.bias_correction else
+                ("analytic", "empirical") if cfg.bias_correction_mode == "auto" else (cfg.bias_correction_mode,))
+    analytic = None
+    if "analytic" in bc_modes:
+        analytic, info = improve.bias_correct(base, improve.channel_means(base, calib.batches(16), cfg.threads),
+                                              overrides)
+        techniques["bias_correction"] = {"mode": cfg.bias_correction_mode, "analytic": info}
+    # empirical correction fits its images; the probe images that judge it are kept out when there are enough
+    first = len(probe) * 32 if len(calib) >= 64 + 32 else 0
+    bc_batches = [calib.x[i:i + 32].copy()
+                  for i in range(first, min(first + cfg.bias_correction_images, len(calib)), 32)]
     calib.close()
     gemm = improve.head_gemm(base)
-    train_ev = None
+    train_ev, train_logits = None, None
     if cfg.head_refit:
         if gemm is None or card["head"]["kind"] != "linear":
             techniques["head_refit"] = {"applied": False, "reason": "only linear heads are re-fitted"}
@@ -388,17 +398,24 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
         if cfg.method == "auto":
             note(f"INT8 {form}: method {method} chosen (logit MSE on calibration images: "
                  + ", ".join(f"{m} {v:.4g}" for m, v in scores.items()) + ")")
-        model, form_overrides = base, overrides
+        model, form_overrides = bias_corrected(base, analytic, bc_modes, stats, form, method, cfg, bc_batches,
+                                               probe, probe_ref, overrides, techniques), overrides
         if train_ev is not None and gemm is not None:
-            q = quantize_model(base, stats, form, method, cfg.percentile, weight_overrides=overrides)
+            q = quantize_model(model, stats, form, method, cfg.percentile, weight_overrides=overrides)
             feats = improve.features_through(q, gemm.input[0], train_ev.batches(32), cfg.threads)
-            w0, b0 = improve.head_weights(base, gemm)
+            w0, b0 = improve.head_weights(model, gemm)
+            teacher = None
+            if cfg.refit_distill > 0:
+                if train_logits is None:
+                    train_logits = _ort_logits(base, list(train_ev.batches(32)), cfg.threads)
+                teacher = train_logits
             tr = card["training"]["config"]
             epochs = max(10, int(card["training"]["head"].get("best_epoch") or 30))
             w, b = improve.refit_head(feats, train_ev.labels, w0, b0, epochs, tr.get("weight_decay", 1e-4),
                                       tr.get("label_smoothing", 0.1), card["head"].get("dropout", 0.2),
-                                      lr=tr.get("lr", 1e-3), seed=tr.get("seed", 0))
-            model = improve.with_head(base, gemm, w, b)
+                                      lr=tr.get("lr", 1e-3), seed=tr.get("seed", 0), teacher=teacher,
+                                      distill=cfg.refit_distill)
+            model = improve.with_head(model, gemm, w, b)
             # the re-fitted head is new weights: nearest rounding for them, not the rounding learned for the old
             form_overrides = {k: v for k, v in overrides.items() if k != gemm.input[1]}
             techniques.setdefault("head_refit", {"applied": True, "images": len(train_ev), "epochs": epochs,
@@ -422,6 +439,37 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
     write_json(run / "calib" / "calibration.json", {"key": cinfo["key"], "source": where, "images": len(samples),
                                                     "percentile": cfg.percentile, "forms": ranges})
     return out
+
+
+def bias_corrected(base: Any, analytic: Any, modes: tuple[str, ...], stats: dict[str, cal.TensorStats], form: str,
+                   method: str, cfg: ExportConfig, batches: list[np.ndarray], probe: list[np.ndarray],
+                   probe_ref: np.ndarray, overrides: dict[str, np.ndarray], techniques: dict[str, Any]) -> Any:
+    """The network with bias correction for this form: analytic, empirical, or (mode auto) whichever gives
+    INT8 logits closer to FP32 on the probe calibration images, which the empirical fit did not see."""
+    from tledge.export import improve
+
+    if not modes:
+        return base
+    bc = techniques.setdefault("bias_correction", {"mode": cfg.bias_correction_mode})
+    cands = {"analytic": analytic} if analytic is not None else {}
+    if "empirical" in modes:
+        cands["empirical"], info = improve.empirical_bias_correct(
+            base, lambda m: quantize_model(m, stats, form, method, cfg.percentile, weight_overrides=overrides),
+            batches, cfg.threads)
+        bc[f"empirical_{form}"] = info
+    if len(cands) == 1:
+        (mode, model), = cands.items()
+        bc[f"chosen_{form}"] = mode
+        note(f"bias correction ({form}): {mode}")
+        return model
+    scores = {m: float(np.mean((_ort_logits(quantize_model(c, stats, form, method, cfg.percentile,
+                                                           weight_overrides=overrides), probe, cfg.threads)
+                                - probe_ref) ** 2)) for m, c in cands.items()}
+    mode = min(scores, key=scores.get)
+    bc[f"chosen_{form}"], bc[f"scores_{form}"] = mode, scores
+    note(f"bias correction ({form}): {mode} chosen (logit MSE on held-out calibration images: "
+         + ", ".join(f"{m} {v:.4g}" for m, v in scores.items()) + ")")
+    return cands[mode]
 
 
 def _ranges(q: Any) -> dict[str, dict[str, float]]:
