@@ -143,6 +143,10 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @click.option("--no-fallback", is_flag=True, help="Fail instead of keeping sensitive layers in float.")
 @click.option("--no-cle", is_flag=True, help="INT8: no cross-layer equalization.")
 @click.option("--no-bias-correction", is_flag=True, help="INT8: no bias correction.")
+@click.option("--bias-correction", "bias_correction_mode", type=click.Choice(["auto", "empirical", "analytic"]),
+              default="auto", show_default=True,
+              help="INT8: empirical (measured on calibration images, per form), analytic (weight rounding only), "
+                   "or auto: the one whose INT8 logits are closer to FP32 on held-out calibration images.")
 @click.option("--no-head-refit", is_flag=True, help="INT8: keep the FP32 head instead of re-fitting it on INT8 features.")
 @click.option("--adaround", is_flag=True, help="INT8: learn each weight's rounding (AdaRound) within --adaround-budget.")
 @click.option("--adaround-budget", type=float, default=60.0, show_default=True,
@@ -160,7 +164,8 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @_handle_errors
 def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: str, percentile: float, calib: str,
            calib_count: int, max_drop: float, no_fallback: bool, no_cle: bool, no_bias_correction: bool,
-           no_head_refit: bool, adaround: bool, adaround_budget: float, engine: str | None, batch: str, workspace: int,
+           bias_correction_mode: str, no_head_refit: bool, adaround: bool, adaround_budget: float,
+           engine: str | None, batch: str, workspace: int,
            dla_core: int | None, timing_cache: Path | None, opset: int, simplify: bool, threads: int | None) -> None:
     """Export RUN as ONNX (checked against PyTorch), FP16/INT8 graphs and TensorRT engines."""
     from tledge.export.pipeline import ExportConfig, run_export
@@ -169,6 +174,7 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
     cfg = ExportConfig(fp16=fp16, int8=int8, forms=forms or ("tensorrt", "cpu"), method=method,
                        percentile=percentile, calib=calib, calib_count=calib_count, max_drop=max_drop,
                        fallback=not no_fallback, cle=not no_cle, bias_correction=not no_bias_correction,
+                       bias_correction_mode=bias_correction_mode,
                        head_refit=not no_head_refit, adaround=adaround, adaround_budget_s=adaround_budget,
                        engine=engine, batch=parse_batch(batch), workspace_mib=workspace,
                        dla_core=dla_core, timing_cache=str(timing_cache) if timing_cache else None, opset=opset,

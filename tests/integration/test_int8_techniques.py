@@ -99,6 +99,40 @@ def test_bias_correction_removes_each_layers_mean_output_error(default_run_64: P
     assert after < 0.05 * before
 
 
+@pytest.mark.parametrize("form", ["tensorrt", "cpu"], ids=["trt_form", "cpu_form"])  # no "tensorrt" keyword:
+def test_empirical_bias_correction_removes_the_int8_networks_mean_shift(default_run_64: Path, tmp_path: Path,
+                                                                       form: str) -> None:
+    """Measured in the quantized network itself (activations quantized too): every layer's per-channel
+    output shift against FP32 on the calibration images falls, and so does the logits' mean error."""
+    run = copy_run(default_run_64, tmp_path / "run")
+    card = card_mod.read(run)
+    onnx_io.export(load_classifier(run), card, run / "model.onnx")
+    fp32 = onnx.load(str(run / "model.onnx"))
+    x = _calib(card_mod.preprocess_of(card))
+    batches = [x[:32], x[32:]]
+    stats = cal.collect(fp32, activation_tensors(fp32), batches)
+
+    def quantize(m):
+        return quantize_model(m, stats, form, "mse")
+
+    corrected, info = improve.empirical_bias_correct(fp32, quantize, batches)
+    assert info["layers"] == 53 and info["mean_abs_shift"] > 0
+    before = improve.layer_shifts(fp32, quantize(fp32), batches)
+    after = improve.layer_shifts(fp32, quantize(corrected), batches)
+    assert np.mean(list(after.values())) < 0.3 * np.mean(list(before.values()))
+    ref = _ort_logits(fp32, batches, 1)
+    shift_before = np.abs((_ort_logits(quantize(fp32), batches, 1) - ref).mean(0)).mean()
+    shift_after = np.abs((_ort_logits(quantize(corrected), batches, 1) - ref).mean(0)).mean()
+    # logits through onnxruntime's fused integer kernels (the correction was fitted on the Q/DQ graph as written)
+    assert shift_after < 0.5 * shift_before
+    # the FP32 network itself only changed in its biases
+    names = {i.name for i in fp32.graph.initializer if i.name not in
+             {n.input[2] for n in improve.weighted_nodes(fp32)}}
+    a = {i.name: onnx.numpy_helper.to_array(i) for i in fp32.graph.initializer if i.name in names}
+    b = {i.name: onnx.numpy_helper.to_array(i) for i in corrected.graph.initializer if i.name in names}
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_learned_rounding_lowers_reconstruction_error(tmp_path: Path) -> None:
     card = fake_card("mobilenet_v3_small", 64)
     torch.manual_seed(0)

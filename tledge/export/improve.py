@@ -412,6 +412,33 @@ def _linear_region(model: Any, q: Any, t: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _masked_shift(qs: Any, fs: Any, inp: str, t: str, region: tuple[float, float], batches: list[np.ndarray],
+                  feeds: dict[str, np.ndarray] | None = None, min_count: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean of (INT8 - FP32) output ``t`` where the FP32 value lies in ``region``; channels with
+    fewer than ``min_count`` such values get 0. Returns (shift, channel has enough values)."""
+    lo, hi = region
+    s = cnt = 0
+    for x in batches:
+        yq = qs.run([t], {inp: x, **(feeds or {})})[0]
+        yf = fs.run([t], {inp: x})[0]
+        mask = (yf > lo) & (yf < hi)
+        axes = tuple(i for i in range(yf.ndim) if i != 1)
+        s = s + np.where(mask, yq - yf, 0).astype(np.float64).sum(axis=axes)
+        cnt = cnt + mask.sum(axis=axes)
+    ok = np.asarray(cnt) >= min_count
+    return np.where(ok, s / np.maximum(cnt, 1), 0.0), ok
+
+
+def layer_shifts(fp32: Any, q: Any, batches: list[np.ndarray], threads: int | None = None) -> dict[str, float]:
+    """Mean |per-channel output shift| of every Conv/Gemm of the quantized ``q`` against ``fp32``, measured
+    as empirical bias correction measures it (what it removes)."""
+    outs = [n.output[0] for n in weighted_nodes(fp32)]
+    qs, inp = probe_session(q, outs, threads)
+    fs, _ = probe_session(fp32, outs, threads)
+    return {t: float(np.abs(_masked_shift(qs, fs, inp, t, _linear_region(fp32, q, t), batches)[0]).mean())
+            for t in outs}
+
+
 def empirical_bias_correct(model: Any, quantize: Any, batches: list[np.ndarray], threads: int | None = None,
                            min_count: int = 16) -> tuple[Any, dict[str, Any]]:
     """Empirical bias correction (Nagel et al. 2019 sec. 4.2, empirical variant as in AIMET's
@@ -457,19 +484,9 @@ def empirical_bias_correct(model: Any, quantize: Any, batches: list[np.ndarray],
     before, used = [], []
     for t in outs:
         feeds = {f"{k}__corr": v for k, v in corr.items()}
-        lo, hi = region[t]
-        s = np.zeros(shapes[t][1])
-        cnt = np.zeros(shapes[t][1])
-        for x in batches:
-            yq = qs.run([t], {inp: x, **feeds})[0]
-            yf = fs.run([t], {inp: x})[0]
-            mask = (yf > lo) & (yf < hi)
-            axes = tuple(i for i in range(yf.ndim) if i != 1)
-            s += np.where(mask, yq - yf, 0).astype(np.float64).sum(axis=axes)
-            cnt += mask.sum(axis=axes)
-        d = np.where(cnt >= min_count, s / np.maximum(cnt, 1), 0.0)
+        d, ok = _masked_shift(qs, fs, inp, t, region[t], batches, feeds, min_count)
         before.append(float(np.abs(d).mean()))
-        used.append(float((cnt >= min_count).mean()))
+        used.append(float(ok.mean()))
         corr[t] = (corr[t] - d.reshape(shapes[t])).astype(np.float32)
     m = _copy(model)
     minits = {i.name: i for i in m.graph.initializer}

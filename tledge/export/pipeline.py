@@ -51,7 +51,7 @@ class ExportConfig:
     cle: bool = True                      # cross-layer equalization (exact pairs only)
     bias_correction: bool = True
     bias_correction_mode: str = "auto"    # auto (the better on held-out calibration images) | empirical | analytic
-    bias_correction_images: int = 128
+    bias_correction_images: int = 64
     head_refit: bool = True               # re-fit the linear head on INT8 features of training images
     adaround: bool = False                # learned weight rounding (off by default: see README, INT8)
     adaround_budget_s: float = 60.0       # CPU seconds for learned rounding, split over the layers
