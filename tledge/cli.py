@@ -148,6 +148,8 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
               help="INT8: empirical (measured on calibration images, per form), analytic (weight rounding only), "
                    "or auto: the one whose INT8 logits are closer to FP32 on held-out calibration images.")
 @click.option("--no-head-refit", is_flag=True, help="INT8: keep the FP32 head instead of re-fitting it on INT8 features.")
+@click.option("--refit-distill", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="INT8 head refit: weight of distillation from the FP32 logits (the rest: the labels).")
 @click.option("--adaround", is_flag=True, help="INT8: learn each weight's rounding (AdaRound) within --adaround-budget.")
 @click.option("--adaround-budget", type=float, default=60.0, show_default=True,
               help="INT8: CPU seconds for learned weight rounding, split over the layers.")
@@ -164,7 +166,7 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @_handle_errors
 def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: str, percentile: float, calib: str,
            calib_count: int, max_drop: float, no_fallback: bool, no_cle: bool, no_bias_correction: bool,
-           bias_correction_mode: str, no_head_refit: bool, adaround: bool, adaround_budget: float,
+           bias_correction_mode: str, no_head_refit: bool, refit_distill: float, adaround: bool, adaround_budget: float,
            engine: str | None, batch: str, workspace: int,
            dla_core: int | None, timing_cache: Path | None, opset: int, simplify: bool, threads: int | None) -> None:
     """Export RUN as ONNX (checked against PyTorch), FP16/INT8 graphs and TensorRT engines."""
@@ -175,7 +177,7 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
                        percentile=percentile, calib=calib, calib_count=calib_count, max_drop=max_drop,
                        fallback=not no_fallback, cle=not no_cle, bias_correction=not no_bias_correction,
                        bias_correction_mode=bias_correction_mode,
-                       head_refit=not no_head_refit, adaround=adaround, adaround_budget_s=adaround_budget,
+                       head_refit=not no_head_refit, refit_distill=refit_distill, adaround=adaround, adaround_budget_s=adaround_budget,
                        engine=engine, batch=parse_batch(batch), workspace_mib=workspace,
                        dla_core=dla_core, timing_cache=str(timing_cache) if timing_cache else None, opset=opset,
                        simplify=simplify, threads=threads)

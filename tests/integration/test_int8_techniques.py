@@ -157,6 +157,14 @@ def test_every_technique_switches_off_and_graphs_stay_valid(default_run_64: Path
     on = run_export(run, ExportConfig(int8=True, max_drop=100.0, threads=2, adaround=True, adaround_budget_s=5.0))
     assert set(on["int8"]["techniques"]) == {"cle", "bias_correction", "head_refit", "adaround"}
     assert on["int8"]["techniques"]["head_refit"]["applied"] and on["int8"]["techniques"]["head_refit"]["images"] == 2000
+    bc = on["int8"]["techniques"]["bias_correction"]
+    for form in ("tensorrt", "cpu"):  # auto: both candidates scored on held-out calibration images
+        assert bc[f"chosen_{form}"] in ("analytic", "empirical") and set(bc[f"scores_{form}"]) == {"analytic", "empirical"}
+    assert check_tensorrt_qdq(onnx.load(str(run / "model.int8.trt.onnx"))) == []
+    analytic = run_export(run, ExportConfig(int8=True, max_drop=100.0, threads=2, head_refit=False,
+                                            bias_correction_mode="analytic"))
+    bc = analytic["int8"]["techniques"]["bias_correction"]
+    assert bc["chosen_tensorrt"] == bc["chosen_cpu"] == "analytic" and "empirical_cpu" not in bc
     assert check_tensorrt_qdq(onnx.load(str(run / "model.int8.trt.onnx"))) == []
     off = run_export(run, ExportConfig(int8=True, max_drop=100.0, threads=2, cle=False, bias_correction=False,
                                        head_refit=False, adaround=False))

@@ -80,3 +80,22 @@ def test_large_models_keep_weights_in_one_data_file(tmp_path: Path) -> None:
     x = np.zeros((1, 3, 64, 64), np.float32)
     with OrtRunner(tmp_path / "m.onnx") as a, OrtRunner(files[0]) as b:
         np.testing.assert_allclose(a.infer(x), b.infer(x), atol=1e-6)
+
+
+def test_fold_shapes_computes_runtime_padding_once_and_keeps_outputs(tmp_path: Path) -> None:
+    """EfficientNet-Lite's TF-style "same" padding is exported as Shape/Cast/... chains before every Pad;
+    the folded graph (what INT8 quantizes) has none of the casts left and the same outputs."""
+    card = fake_card("efficientnet_lite0", 64)
+    torch.manual_seed(0)
+    onnx_io.export(build_classifier(card).eval(), card, tmp_path / "m.onnx")
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    f = onnx_io.fold_shapes(m)
+    ops = [n.op_type for n in f.graph.node]
+    assert len(f.graph.node) < len(m.graph.node) and "Cast" in [n.op_type for n in m.graph.node]
+    assert "Cast" not in ops and "ConstantOfShape" not in ops
+    assert {o.domain for o in f.opset_import} <= {"", "ai.onnx"} and f.metadata_props == m.metadata_props
+    onnx.checker.check_model(f)
+    x = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    onnx.save(f, str(tmp_path / "f.onnx"))
+    with OrtRunner(tmp_path / "m.onnx", "cpu", 1) as a, OrtRunner(tmp_path / "f.onnx", "cpu", 1) as b:
+        np.testing.assert_allclose(b.infer(x), a.infer(x), rtol=1e-5, atol=1e-5)

@@ -11,11 +11,18 @@ quantization. Each technique is switchable and recorded in the export manifest.
 - Bias correction (same paper, sec. 4.2, with empirical input means as in AIMET): the expected output
   shift caused by weight rounding, E[(W_q - W) x] = (W_q - W) E[x], is subtracted from each bias; E[x]
   per input channel comes from the calibration images.
+- Empirical bias correction (the same paper's empirical variant, as AIMET's ``correct_bias`` runs it):
+  layer by layer, the per-channel mean difference between the INT8 network's outputs and the FP32 ones
+  on calibration images is subtracted from the bias. It also removes the shift that activation
+  quantization causes; it is measured only where values pass the activation and the next quantizer
+  unclipped. Per form (their activation grids differ). The export keeps whichever of the two
+  corrections brings the INT8 logits closer to FP32 on calibration images the fit did not see.
 - Learned weight rounding (AdaRound, Nagel et al. 2020): each weight rounded up or down to reconstruct
   its layer's FP32 output on calibration images, within a CPU time budget (see ``adaround``).
 - Quantization-tolerant head: the classification head is re-fitted on features computed by the INT8
   backbone on training images (never val), so it learns the decision margins of the features it will
   really see. The FP32 model is unchanged; only the INT8 graph's head differs. Linear heads only.
+  Optionally distilled from the FP32 logits of the same images (Hinton et al. 2015, ``refit_distill``).
 """
 from __future__ import annotations
 

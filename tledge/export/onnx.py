@@ -151,6 +151,32 @@ def file_info(paths: list[Path]) -> dict[str, Any]:
             "sha256": sha256_file(paths[0])}
 
 
+def fold_shapes(model: Any) -> Any:
+    """The graph after onnxruntime's basic-level optimizations (constant folding, redundant nodes), which
+    is what onnxruntime's ``quant_pre_process`` does before quantizing: shape arithmetic such as the
+    run-time "same" padding of TF-ported networks (EfficientNet-Lite: Shape/Cast/Concat chains before
+    every depthwise Pad) is computed once here instead of on every inference. Standard ONNX ops only
+    (basic level adds no contributed ops); opset imports the graph does not use are dropped."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(Path(tmp) / "basic.onnx")
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        out = onnx.load(so.optimized_model_filepath)
+    used = {n.domain for n in out.graph.node}
+    keep = [o for o in out.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    return out
+
+
 def simplify(src: Path, dest: Path) -> bool:
     """onnxslim where installed; returns False (and writes nothing) when it is not."""
     try:
@@ -162,5 +188,6 @@ def simplify(src: Path, dest: Path) -> bool:
     return True
 
 
-__all__ = ["export", "check", "save_model", "load_model", "metadata", "read_metadata", "simplify", "file_info",
+__all__ = ["export", "check", "save_model", "load_model", "metadata", "read_metadata", "simplify", "fold_shapes",
+           "file_info",
            "INPUT", "OUTPUT"]

@@ -347,9 +347,16 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
     calib = EvalSet(samples, pre, label="calibration images")
     probe = [calib.x[i:i + 32].copy() for i in range(0, min(64, len(calib)), 32)]
     probe_ref = _ort_logits(fp32, probe, cfg.threads)
-    base = fp32
+    base = onnx_io.fold_shapes(fp32)
+    diff = float(np.abs(_ort_logits(base, probe, cfg.threads) - probe_ref).max())
+    if diff > 1e-4 * max(1.0, float(np.abs(probe_ref).max())):
+        warn(f"onnxruntime's constant folding changed the FP32 outputs (max |logit diff| {diff:.3g}); "
+             "quantizing the graph as exported")
+        base = fp32
+    folded = {"applied": base is not fp32, "nodes_before": len(fp32.graph.node),
+                                 "nodes_after": len(base.graph.node)}
     if cfg.cle:
-        base, info = improve.equalize(fp32)
+        base, info = improve.equalize(base)
         diff = float(np.abs(_ort_logits(base, probe, cfg.threads) - probe_ref).max())
         scale = float(np.abs(probe_ref).max())
         if diff > 1e-4 * max(1.0, scale):
@@ -375,11 +382,13 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
     if "analytic" in bc_modes:
         analytic, info = improve.bias_correct(base, improve.channel_means(base, calib.batches(16), cfg.threads),
                                               overrides)
-        techniques["bias_correction"] = {"mode": cfg.bias_correction_mode, "analytic": info}
     # empirical correction fits its images; the probe images that judge it are kept out when there are enough
     first = len(probe) * 32 if len(calib) >= 64 + 32 else 0
     bc_batches = [calib.x[i:i + 32].copy()
                   for i in range(first, min(first + cfg.bias_correction_images, len(calib)), 32)]
+    if bc_modes:
+        techniques["bias_correction"] = {"mode": cfg.bias_correction_mode, "probe_held_out": first > 0,
+                                         **({"analytic": info} if analytic is not None else {})}
     calib.close()
     gemm = improve.head_gemm(base)
     train_ev, train_logits = None, None
@@ -392,7 +401,7 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
                 pool = stratified_split(pool, cfg.refit_count / len(pool), 4321)[1]
             train_ev = EvalSet(pool, pre, label="train images (head refit)")
     ranges: dict[str, Any] = {}
-    out: dict[str, Any] = {"techniques": techniques}
+    out: dict[str, Any] = {"techniques": techniques, "fold_shapes": folded}
     for form in cfg.forms:
         method, scores = choose_method(base, stats, form, cfg, probe, probe_ref, overrides)
         if cfg.method == "auto":
