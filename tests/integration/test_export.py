@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from tledge import card as card_mod
 from tledge.cli import main
 from tledge.data import scan
-from tledge.errors import AccuracyError, DataError, MissingDependency
+from tledge.errors import AccuracyError, DataError, MissingDependency, UsageError
 from tledge.evalset import EvalSet, run_logits
 from tledge.export import calibrate as cal
 from tledge.export import tensorrt as trtb
@@ -201,3 +201,14 @@ def test_engine_mismatch_messages() -> None:
     with pytest.raises(Exception, match="TensorRT"):  # without TensorRT: the one-line missing-dependency error
         TrtRunner("model.int8.engine").activate()
     assert "compute capability 8.7" in compatibility_problems(side, {**here, "tensorrt": "8.6.2", "compute_capability": "7.2"})[0]
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (ExportConfig(int8=True, bias_correction_mode="emprical"), "unknown bias correction mode 'emprical'; choices"),
+    (ExportConfig(int8=True, refit_distill=1.5), "not a weight between 0 and 1"),
+])
+def test_bad_int8_options_are_refused_before_any_work(run: Path, cfg: ExportConfig, match: str) -> None:
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(UsageError, match=match):
+        run_export(run, cfg)
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing written

@@ -375,22 +375,6 @@ def adaround(model: Any, batches: list[np.ndarray], budget_s: float = 120.0, min
 
 # --------------------------------------------------------------------------- empirical bias correction
 
-def output_means(model: Any, tensors: list[str], batches: Iterable[np.ndarray], threads: int | None = None,
-                 feeds: dict[str, np.ndarray] | None = None, sess: Any = None) -> dict[str, np.ndarray]:
-    """Per-channel means (axis 1, over batch and positions) of ``tensors``."""
-    if sess is None:
-        sess, _ = probe_session(model, tensors, threads)
-    inp = sess.get_inputs()[0].name
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for x in batches:
-        for t, v in zip(tensors, sess.run(tensors, {inp: x, **(feeds or {})})):
-            axes = tuple(i for i in range(v.ndim) if i != 1)
-            sums[t] = sums.get(t, 0) + v.astype(np.float64).sum(axis=axes)
-            counts[t] = counts.get(t, 0) + v.size // v.shape[1]
-    return {t: s / max(counts[t], 1) for t, s in sums.items()}
-
-
 def _linear_region(model: Any, q: Any, t: str) -> tuple[float, float]:
     """The interval of layer output ``t`` in which the INT8 network passes it on unchanged: inside its
     activation's linear part (ReLU, Clip) and inside the range of the Q/DQ that follows (in ``q``)."""
@@ -455,36 +439,29 @@ def empirical_bias_correct(model: Any, quantize: Any, batches: list[np.ndarray],
     the shift that activation quantization causes, most of the INT8 error in depthwise networks.
     The mean is taken only where the FP32 output lies in the region the INT8 network passes on unchanged
     (the activation's linear part and the next quantizer's range): the error of clipped values is not a
-    shift, and correcting it would move every unclipped value. One session each: a correction is a graph
-    input added to its layer's output."""
+    shift, and correcting it would move every unclipped value. One session for each network: a correction
+    is a graph input added to its layer's output."""
     import time
 
     from onnx import TensorProto, helper, numpy_helper
 
     t0 = time.perf_counter()
-    nodes = weighted_nodes(model)
-    outs = [n.output[0] for n in nodes]
+    inits = {i.name: i for i in model.graph.initializer}
+    shapes = {n.output[0]: [1, numpy_helper.to_array(inits[n.input[2]]).shape[0]] + ([1, 1] if n.op_type == "Conv" else [])
+              for n in weighted_nodes(model)}
+    outs = list(shapes)
     q = quantize(model)
     region = {t: _linear_region(model, q, t) for t in outs}
-    by_out = {n.output[0]: n for n in q.graph.node}
-    shapes = {}
-    extra = {}
-    for t in outs:
-        node = by_out[t]
-        node.output[0] = f"{t}__raw"
-        extra[id(node)] = helper.make_node("Add", [f"{t}__raw", f"{t}__corr"], [t], name=f"{t}__corr_add")
     nodes_out = []
-    for n in q.graph.node:
+    for n in q.graph.node:  # layer output t becomes t__raw + t__corr, a graph input fed the correction so far
         nodes_out.append(n)
-        if id(n) in extra:
-            nodes_out.append(extra[id(n)])
+        t = n.output[0] if n.output else None
+        if t in shapes:
+            n.output[0] = f"{t}__raw"
+            nodes_out.append(helper.make_node("Add", [f"{t}__raw", f"{t}__corr"], [t], name=f"{t}__corr_add"))
+            q.graph.input.append(helper.make_tensor_value_info(f"{t}__corr", TensorProto.FLOAT, shapes[t]))
     del q.graph.node[:]
     q.graph.node.extend(nodes_out)
-    inits = {i.name: i for i in model.graph.initializer}
-    for n in nodes:
-        c = numpy_helper.to_array(inits[n.input[2]]).shape[0]
-        shapes[n.output[0]] = [1, c] + ([1, 1] if n.op_type == "Conv" else [])
-        q.graph.input.append(helper.make_tensor_value_info(f"{n.output[0]}__corr", TensorProto.FLOAT, shapes[n.output[0]]))
     qs, inp = probe_session(q, outs, threads)
     fs, _ = probe_session(model, outs, threads)
     corr = {t: np.zeros(shapes[t], np.float32) for t in outs}

@@ -189,5 +189,4 @@ def simplify(src: Path, dest: Path) -> bool:
 
 
 __all__ = ["export", "check", "save_model", "load_model", "metadata", "read_metadata", "simplify", "fold_shapes",
-           "file_info",
-           "INPUT", "OUTPUT"]
+           "file_info", "INPUT", "OUTPUT"]

@@ -34,6 +34,7 @@ REPO_CALIBRATION = Path(__file__).resolve().parents[2] / "calibration"
 FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8-tensorrt": "model.int8.trt.onnx",
          "int8-cpu": "model.int8.cpu.onnx"}
 MANIFEST = "export_manifest.json"
+BIAS_CORRECTION_MODES = ("auto", "empirical", "analytic")
 
 
 @dataclass
@@ -248,6 +249,12 @@ def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
     if cfg.method != "auto" and cfg.method not in cal.METHODS:
         raise UsageError(f"unknown calibration method '{cfg.method}'; choices: auto, {', '.join(cal.METHODS)}.",
                          "pass one of them to --method.")
+    if cfg.bias_correction_mode not in BIAS_CORRECTION_MODES:
+        raise UsageError(f"unknown bias correction mode '{cfg.bias_correction_mode}'; choices: "
+                         f"{', '.join(BIAS_CORRECTION_MODES)}.", "pass one of them to --bias-correction.")
+    if not 0.0 <= cfg.refit_distill <= 1.0:
+        raise UsageError(f"--refit-distill {cfg.refit_distill} is not a weight between 0 and 1.",
+                         "pass 0 (labels only) to 1 (FP32 logits only).")
     want_engine = cfg.engine
     if want_engine and not trt_build.tensorrt_available()[0]:
         # explicit --engine: say why and stop before any work
@@ -347,19 +354,24 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
     calib = EvalSet(samples, pre, label="calibration images")
     probe = [calib.x[i:i + 32].copy() for i in range(0, min(64, len(calib)), 32)]
     probe_ref = _ort_logits(fp32, probe, cfg.threads)
+
+    def fp32_diff(model: Any) -> tuple[float, bool]:
+        """Max |logit diff| of a transformed FP32 graph against the exported one, and whether it is within
+        float tolerance."""
+        d = float(np.abs(_ort_logits(model, probe, cfg.threads) - probe_ref).max())
+        return d, d <= 1e-4 * max(1.0, float(np.abs(probe_ref).max()))
+
     base = onnx_io.fold_shapes(fp32)
-    diff = float(np.abs(_ort_logits(base, probe, cfg.threads) - probe_ref).max())
-    if diff > 1e-4 * max(1.0, float(np.abs(probe_ref).max())):
+    diff, same = fp32_diff(base)
+    if not same:
         warn(f"onnxruntime's constant folding changed the FP32 outputs (max |logit diff| {diff:.3g}); "
              "quantizing the graph as exported")
         base = fp32
-    folded = {"applied": base is not fp32, "nodes_before": len(fp32.graph.node),
-                                 "nodes_after": len(base.graph.node)}
+    folded = {"applied": base is not fp32, "nodes_before": len(fp32.graph.node), "nodes_after": len(base.graph.node)}
     if cfg.cle:
         base, info = improve.equalize(base)
-        diff = float(np.abs(_ort_logits(base, probe, cfg.threads) - probe_ref).max())
-        scale = float(np.abs(probe_ref).max())
-        if diff > 1e-4 * max(1.0, scale):
+        diff, same = fp32_diff(base)
+        if not same:
             raise AccuracyError(f"internal error: cross-layer equalization changed the FP32 outputs by {diff:.3g}.",
                                 "export with --no-cle and report this bug.")
         techniques["cle"] = {**info, "fp32_max_abs_logit_diff": diff}
@@ -378,17 +390,17 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
              f"error {info['recon_error_nearest']:.3g} -> {info['recon_error_learned']:.3g} in {info['seconds']:.0f}s")
     bc_modes = (() if not cfg.bias_correction else
                 ("analytic", "empirical") if cfg.bias_correction_mode == "auto" else (cfg.bias_correction_mode,))
-    analytic = None
+    analytic, analytic_info = None, None
     if "analytic" in bc_modes:
-        analytic, info = improve.bias_correct(base, improve.channel_means(base, calib.batches(16), cfg.threads),
-                                              overrides)
+        analytic, analytic_info = improve.bias_correct(
+            base, improve.channel_means(base, calib.batches(16), cfg.threads), overrides)
     # empirical correction fits its images; the probe images that judge it are kept out when there are enough
     first = len(probe) * 32 if len(calib) >= 64 + 32 else 0
     bc_batches = [calib.x[i:i + 32].copy()
                   for i in range(first, min(first + cfg.bias_correction_images, len(calib)), 32)]
     if bc_modes:
         techniques["bias_correction"] = {"mode": cfg.bias_correction_mode, "probe_held_out": first > 0,
-                                         **({"analytic": info} if analytic is not None else {})}
+                                         **({"analytic": analytic_info} if analytic_info else {})}
     calib.close()
     gemm = improve.head_gemm(base)
     train_ev, train_logits = None, None
@@ -460,20 +472,21 @@ def bias_corrected(base: Any, analytic: Any, modes: tuple[str, ...], stats: dict
     if not modes:
         return base
     bc = techniques.setdefault("bias_correction", {"mode": cfg.bias_correction_mode})
+
+    def quantize(m: Any) -> Any:
+        return quantize_model(m, stats, form, method, cfg.percentile, weight_overrides=overrides)
+
     cands = {"analytic": analytic} if analytic is not None else {}
     if "empirical" in modes:
-        cands["empirical"], info = improve.empirical_bias_correct(
-            base, lambda m: quantize_model(m, stats, form, method, cfg.percentile, weight_overrides=overrides),
-            batches, cfg.threads)
-        bc[f"empirical_{form}"] = info
+        cands["empirical"], bc[f"empirical_{form}"] = improve.empirical_bias_correct(base, quantize, batches,
+                                                                                     cfg.threads)
     if len(cands) == 1:
         (mode, model), = cands.items()
         bc[f"chosen_{form}"] = mode
         note(f"bias correction ({form}): {mode}")
         return model
-    scores = {m: float(np.mean((_ort_logits(quantize_model(c, stats, form, method, cfg.percentile,
-                                                           weight_overrides=overrides), probe, cfg.threads)
-                                - probe_ref) ** 2)) for m, c in cands.items()}
+    scores = {m: float(np.mean((_ort_logits(quantize(c), probe, cfg.threads) - probe_ref) ** 2))
+              for m, c in cands.items()}
     mode = min(scores, key=scores.get)
     bc[f"chosen_{form}"], bc[f"scores_{form}"] = mode, scores
     note(f"bias correction ({form}): {mode} chosen (logit MSE on held-out calibration images: "
