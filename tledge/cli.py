@@ -150,9 +150,12 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @click.option("--no-head-refit", is_flag=True, help="INT8: keep the FP32 head instead of re-fitting it on INT8 features.")
 @click.option("--refit-distill", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="INT8 head refit: weight of distillation from the FP32 logits (the rest: the labels).")
-@click.option("--adaround", is_flag=True, help="INT8: learn each weight's rounding (AdaRound) within --adaround-budget.")
-@click.option("--adaround-budget", type=float, default=60.0, show_default=True,
-              help="INT8: CPU seconds for learned weight rounding, split over the layers.")
+@click.option("--adaround/--no-adaround", default=True, show_default=True,
+              help="INT8: learn the weight rounding (AdaRound) of the layers that nearest rounding costs most, "
+                   "within --adaround-budget.")
+@click.option("--adaround-budget", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
+              help="INT8: wall-clock seconds for learned weight rounding in all (worst layers first; the rest keep "
+                   "nearest rounding).")
 @click.option("--engine", type=click.Choice(["fp16", "int8"]), default=None,
               help="Build this TensorRT engine (fails without TensorRT).")
 @click.option("--batch", default="1,8,32", show_default=True, help="Engine batch profile min,opt,max.")

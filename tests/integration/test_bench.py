@@ -22,7 +22,7 @@ from tests.conftest import copy_run
 @pytest.fixture(scope="module")
 def exported(default_run_64: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = copy_run(default_run_64, tmp_path_factory.mktemp("bench") / "run")
-    run_export(run, ExportConfig(int8=True, fp16=True, max_drop=100.0, threads=2))
+    run_export(run, ExportConfig(int8=True, fp16=True, max_drop=100.0, threads=2, adaround=False))
     return run
 
 

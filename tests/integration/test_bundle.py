@@ -24,7 +24,7 @@ from tests.conftest import FASHION, copy_run
 @pytest.fixture(scope="module")
 def bundled(default_run_64: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     run = copy_run(default_run_64, tmp_path_factory.mktemp("bundle") / "run")
-    run_export(run, ExportConfig(int8=True, fp16=True, max_drop=100.0, threads=2))
+    run_export(run, ExportConfig(int8=True, fp16=True, max_drop=100.0, threads=2, adaround=False))
     res = make_bundle(run)
     return run, Path(res["folder"])
 

@@ -29,7 +29,7 @@ def run(default_run_64: Path, tmp_path: Path) -> Path:
 
 
 def test_export_writes_checked_graphs_and_manifest(run: Path) -> None:
-    m = run_export(run, ExportConfig(int8=True, fp16=True, max_drop=100.0, threads=2))
+    m = run_export(run, ExportConfig(int8=True, fp16=True, max_drop=100.0, threads=2, adaround_budget_s=5.0))
     for f in ("model.onnx", "model.fp16.onnx", "model.int8.trt.onnx", "model.int8.cpu.onnx", "export_manifest.json",
               "calib/calibration.json"):
         assert (run / f).is_file(), f
@@ -55,7 +55,7 @@ def test_export_writes_checked_graphs_and_manifest(run: Path) -> None:
 
 
 def test_calibration_cache_hit_and_miss(run: Path) -> None:
-    cfg = ExportConfig(int8=True, forms=("cpu",), method="minmax", max_drop=100.0, threads=2)
+    cfg = ExportConfig(int8=True, forms=("cpu",), method="minmax", max_drop=100.0, threads=2, adaround=False)
     a = run_export(run, cfg)
     b = run_export(run, cfg)
     assert a["calibration"]["cache"] == "miss" and b["calibration"]["cache"] == "hit"
@@ -143,11 +143,15 @@ def test_cli_engine_without_tensorrt_fails_in_one_line(run: Path) -> None:
 
 def test_cli_int8_without_tensorrt_ends_in_graphs_and_a_note(run: Path) -> None:
     r = CliRunner().invoke(main, ["export", str(run), "--int8", "--form", "cpu", "--method", "percentile",
-                                  "--max-drop", "100", "--threads", "2"])
+                                  "--max-drop", "100", "--threads", "2", "--adaround-budget", "3"])
     assert r.exit_code == 0, r.output
     assert "engine is built on the device" in r.output
     assert (run / "model.int8.cpu.onnx").is_file() and not (run / "model.int8.trt.onnx").exists()
-    assert read_json(run / "export_manifest.json")["checks"]["int8-cpu"]["method"] == "percentile"
+    m = read_json(run / "export_manifest.json")
+    assert m["checks"]["int8-cpu"]["method"] == "percentile"
+    ada = m["int8"]["techniques"]["adaround"]  # learned rounding is on by default, with the budget asked for
+    assert ada["budget_s"] == 3.0 and ada["learned"] + ada["not_reached"] == ada["costly"]
+    assert "learned weight rounding:" in r.output
 
 
 # ---------------------------------------------------------------- TensorRT builder logic, by capability
@@ -206,6 +210,7 @@ def test_engine_mismatch_messages() -> None:
 @pytest.mark.parametrize("cfg, match", [
     (ExportConfig(int8=True, bias_correction_mode="emprical"), "unknown bias correction mode 'emprical'; choices"),
     (ExportConfig(int8=True, refit_distill=1.5), "not a weight between 0 and 1"),
+    (ExportConfig(int8=True, adaround_budget_s=0), "--adaround-budget 0 is not a positive number of seconds"),
 ])
 def test_bad_int8_options_are_refused_before_any_work(run: Path, cfg: ExportConfig, match: str) -> None:
     before = sorted(p.name for p in run.iterdir())

@@ -151,17 +151,41 @@ def test_learned_rounding_lowers_reconstruction_error(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got, want)
 
 
+def test_learned_rounding_goes_where_rounding_costs_within_budget(tmp_path: Path) -> None:
+    card = fake_card("mobilenet_v3_small", 64)
+    torch.manual_seed(0)
+    onnx_io.export(build_classifier(card).eval(), card, tmp_path / "m.onnx")
+    fp32 = onnx.load(str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).standard_normal((16, 3, 64, 64)).astype(np.float32)
+    batches = [x[:8], x[8:]]
+    # a tiny memory cap: layers learned in many groups, one network pass each, scored on fewer images
+    overrides, info = improve.adaround(fp32, batches, budget_s=5.0, min_iters=20, max_iters=30, memory_mib=0.01)
+    costs = [r["rel_error_nearest"] for r in info["per_layer"]]
+    assert 0 < info["costly"] < info["layers"] and info["learned"] == info["costly"] and info["scoring_images"] < 16
+    assert info["data_passes"] > 1
+    assert costs == sorted(costs, reverse=True)  # worst layers first
+    assert all(c >= info["min_rel_error"] for c in costs)
+    assert {r["layer"] for r in info["per_layer"] if r["kept"]} == {
+        n.name for n in improve.weighted_nodes(fp32) if n.input[1] in overrides}
+    # layers below the threshold keep nearest rounding: a threshold no layer reaches learns nothing
+    none, info = improve.adaround(fp32, batches, budget_s=5.0, min_rel_error=1e9)
+    assert none == {} and info["costly"] == 0 and info["learned"] == 0 and info["layers"] > info["costly"]
+    # a budget spent before the first layer: nothing learned, every costly layer reported as not reached
+    none, info = improve.adaround(fp32, batches, budget_s=1e-3)
+    assert none == {} and info["learned"] == 0 and info["not_reached"] == info["costly"] > 0
+
+
 @pytest.mark.slow
 def test_every_technique_switches_off_and_graphs_stay_valid(default_run_64: Path, tmp_path: Path) -> None:
     run = copy_run(default_run_64, tmp_path / "run")
-    on = run_export(run, ExportConfig(int8=True, max_drop=100.0, threads=2, adaround=True, adaround_budget_s=5.0))
+    on = run_export(run, ExportConfig(int8=True, max_drop=100.0, threads=2, adaround_budget_s=5.0))
     assert set(on["int8"]["techniques"]) == {"cle", "bias_correction", "head_refit", "adaround"}
     assert on["int8"]["techniques"]["head_refit"]["applied"] and on["int8"]["techniques"]["head_refit"]["images"] == 2000
     bc = on["int8"]["techniques"]["bias_correction"]
     for form in ("tensorrt", "cpu"):  # auto: both candidates scored on held-out calibration images
         assert bc[f"chosen_{form}"] in ("analytic", "empirical") and set(bc[f"scores_{form}"]) == {"analytic", "empirical"}
     assert check_tensorrt_qdq(onnx.load(str(run / "model.int8.trt.onnx"))) == []
-    analytic = run_export(run, ExportConfig(int8=True, max_drop=100.0, threads=2, head_refit=False,
+    analytic = run_export(run, ExportConfig(int8=True, max_drop=100.0, threads=2, head_refit=False, adaround=False,
                                             bias_correction_mode="analytic"))
     bc = analytic["int8"]["techniques"]["bias_correction"]
     assert bc["chosen_tensorrt"] == bc["chosen_cpu"] == "analytic" and "empirical_cpu" not in bc

@@ -275,101 +275,192 @@ def layer_io(model: Any, nodes: list[Any], batches: Iterable[np.ndarray], thread
     """FP32 inputs and outputs of ``nodes`` over ``batches`` (one pass, all layers at once)."""
     names = sorted({t for n in nodes for t in (n.input[0], n.output[0])})
     sess, inp = probe_session(model, names, threads)
-    acc: dict[str, list[np.ndarray]] = {t: [] for t in names}
-    for x in batches:
+    total = sum(len(x) for x in batches)
+    cat: dict[str, np.ndarray] = {}
+    at = 0
+    for x in batches:  # written into preallocated arrays: no second copy for a concatenation
         for t, v in zip(names, sess.run(names, {inp: x})):
-            acc[t].append(v)
-    cat = {t: np.concatenate(v) for t, v in acc.items()}
+            if t not in cat:
+                cat[t] = np.empty((total, *v.shape[1:]), v.dtype)
+            cat[t][at:at + len(v)] = v
+        at += len(x)
     return {n.name: (cat[n.input[0]], cat[n.output[0]]) for n in nodes}
 
 
-def adaround(model: Any, batches: list[np.ndarray], budget_s: float = 120.0, min_iters: int = 50,
-             max_iters: int = 1000, reg: float = 0.01, threads: int | None = None, seed: int = 0,
-             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Learned weight rounding (Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training
-    Quantization"; loss and annealing as in AIMET): per Conv/Gemm, choose each weight's rounding (down or
-    up, same per-channel scales) to reconstruct the layer's FP32 output on calibration images. The time
-    budget is split over the layers. Returns {weight initializer: int8 array} for quantize_model's
-    ``weight_overrides`` and a report."""
-    import time
+def _io_groups(nodes: list[Any], per_image: dict[str, int], images: int, cap_bytes: int) -> list[list[Any]]:
+    """``nodes`` (in their order) cut into consecutive groups whose inputs and outputs for ``images`` images
+    fit in ``cap_bytes`` (a layer bigger than the cap is a group of its own)."""
+    groups: list[list[Any]] = []
+    size = 0
+    for n in nodes:
+        b = per_image[n.name] * images
+        if groups and size + b <= cap_bytes:
+            groups[-1].append(n)
+            size += b
+        else:
+            groups.append([n])
+            size = b
+    return groups
 
+
+def _layer_forward(n: Any, inits: dict[str, Any]) -> tuple[Any, Any, int, Any]:
+    """(FP32 weight, bias or None, weight's channel axis, fwd(x, w)) of a Conv/Gemm, in torch."""
     import torch
     import torch.nn.functional as F
     from onnx import numpy_helper
 
+    w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+    b = torch.from_numpy(numpy_helper.to_array(inits[n.input[2]]).astype(np.float32)) if len(n.input) > 2 else None
+    if n.op_type == "Conv":
+        stride, dil = _attr(n, "strides", [1, 1]), _attr(n, "dilations", [1, 1])
+        pads, groups = _attr(n, "pads", [0, 0, 0, 0]), _attr(n, "group", 1)
+
+        def fwd(x: Any, wq: Any) -> Any:
+            x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+            return F.conv2d(x, wq, b, stride, 0, dil, groups)
+    else:
+        trans_b = _attr(n, "transB", 0)
+
+        def fwd(x: Any, wq: Any) -> Any:
+            return F.linear(x, wq if trans_b else wq.t(), b)
+    return w, b, _weight_axis(n), fwd
+
+
+# An 8-bit activation grid over +-4 sigma adds noise of (8/255)^2/12 ~ 8e-5 of the output's variance; a layer
+# whose nearest weight rounding adds less than an eighth of that is not worth learning.
+ADAROUND_MIN_REL_ERROR = 1e-5
+
+
+def adaround(model: Any, batches: list[np.ndarray], budget_s: float = 60.0, min_iters: int = 50,
+             max_iters: int = 1000, reg: float = 0.01, threads: int | None = None, seed: int = 0,
+             min_rel_error: float = ADAROUND_MIN_REL_ERROR, memory_mib: float = 256,
+             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Learned weight rounding (Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training
+    Quantization"; loss and annealing as in AIMET): per Conv/Gemm, choose each weight's rounding (down or
+    up, same per-channel scales) to reconstruct the layer's FP32 output on calibration images.
+
+    Where weight rounding costs accuracy, within ``budget_s`` seconds of wall time in all (data passes
+    included): every layer's nearest-rounding output error relative to its output variance is measured
+    first; layers below ``min_rel_error`` keep nearest rounding, the others are learned worst first, each
+    given the time left divided by the layers left, until the budget is spent (a layer still learning
+    then stops and is judged as it stands; the overrun is one iteration and one evaluation). A learned rounding is kept only where it reconstructs the
+    output better than nearest rounding. Layer inputs and outputs are held for at most ``memory_mib`` MiB at
+    a time (layers are learned in groups, one network pass per group).
+    Returns {weight initializer: int8 array} for quantize_model's ``weight_overrides`` and a report."""
+    import time
+
+    import torch
+
+    t_start = time.perf_counter()
+    deadline = t_start + budget_s
     inits = {i.name: i for i in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in inits
              and (len(n.input) < 3 or n.input[2] in inits)]
-    io = layer_io(model, nodes, batches, threads)
+    n_img = sum(len(x) for x in batches)
+    # bytes per image of every layer's input + output, from a one-image pass
+    one = layer_io(model, nodes, [batches[0][:1]], threads)
+    per_image = {k: a.nbytes + b.nbytes for k, (a, b) in one.items()}
+    del one
+    cap = int(memory_mib * 2 ** 20)
+    # 1. what nearest rounding costs each layer, on as many images as fit in the memory cap
+    score_img = int(np.clip(cap // max(1, sum(per_image.values())), 1, n_img))
+    flat = np.concatenate(batches)
+
+    def passes(group: list[Any], images: int) -> list[np.ndarray]:
+        """``images`` images in batches whose fetched tensors take at most a quarter of the cap per run."""
+        k = int(np.clip(cap // 4 // max(1, sum(per_image[n.name] for n in group)), 1, 8))
+        return [flat[i:min(i + k, images)] for i in range(0, images, k)]
+
+    cost: dict[str, float] = {}
+    with torch.no_grad():
+        for group in _io_groups(nodes, per_image, score_img, cap):
+            io = layer_io(model, group, passes(group, score_img), threads)
+            for n in group:
+                w, _, axis, fwd = _layer_forward(n, inits)
+                q, s = quantize_weight(w, axis)
+                shape = [1] * w.ndim
+                shape[axis] = -1
+                x, y = (torch.from_numpy(np.ascontiguousarray(a)) for a in io[n.name])
+                wq = torch.from_numpy((q.astype(np.float32) * s.reshape(shape)).astype(np.float32))
+                cost[n.name] = float((fwd(x, wq) - y).pow(2).mean() / (y.var() + 1e-12))
+            del io
+    chosen = sorted((n for n in nodes if cost[n.name] >= min_rel_error), key=lambda n: -cost[n.name])
+    # 2. learn the chosen layers, worst first, in groups that fit in memory
     zeta, gamma = 1.1, -0.1
-    per_layer = budget_s / max(1, len(nodes))
     out: dict[str, np.ndarray] = {}
-    gains = []
-    t_start = time.perf_counter()
+    layers: list[dict[str, Any]] = []
     g = torch.Generator().manual_seed(seed)
-    for n in nodes:
-        w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
-        axis = _weight_axis(n)
-        q_near, s = quantize_weight(w, axis)
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        W, S = torch.from_numpy(w), torch.from_numpy(s.reshape(shape))
-        b = torch.from_numpy(numpy_helper.to_array(inits[n.input[2]]).astype(np.float32)) if len(n.input) > 2 else None
-        x_all, y_all = (torch.from_numpy(a) for a in io[n.name])
-        if n.op_type == "Conv":
-            stride, dil = _attr(n, "strides", [1, 1]), _attr(n, "dilations", [1, 1])
-            pads, groups = _attr(n, "pads", [0, 0, 0, 0]), _attr(n, "group", 1)
+    done = groups = 0
+    for group in _io_groups(chosen, per_image, n_img, cap):
+        if time.perf_counter() >= deadline:
+            break
+        groups += 1
+        io = layer_io(model, group, passes(group, n_img), threads)
+        for n in group:
+            now = time.perf_counter()
+            if now >= deadline:
+                break
+            # 85%: the data passes and each layer's final evaluation come out of the same budget
+            per_layer = 0.85 * (deadline - now) / (len(chosen) - done)
+            done += 1
+            w, _, axis, fwd = _layer_forward(n, inits)
+            q_near, s = quantize_weight(w, axis)
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            W, S = torch.from_numpy(w), torch.from_numpy(s.reshape(shape))
+            x_all, y_all = (torch.from_numpy(np.ascontiguousarray(a)) for a in io[n.name])
+            floor = torch.floor(W / S)
+            rest = (W / S - floor).clamp(1e-4, 1 - 1e-4)
+            V = (-torch.log((zeta - gamma) / (rest - gamma) - 1)).requires_grad_(True)
+            opt = torch.optim.Adam([V], lr=1e-2)
 
-            def fwd(x: Any, wq: Any) -> Any:
-                x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
-                return F.conv2d(x, wq, b, stride, 0, dil, groups)
-        else:
-            trans_b = _attr(n, "transB", 0)
+            def h() -> Any:
+                return torch.clamp(torch.sigmoid(V) * (zeta - gamma) + gamma, 0, 1)
 
-            def fwd(x: Any, wq: Any) -> Any:
-                return F.linear(x, wq if trans_b else wq.t(), b)
-        floor = torch.floor(W / S)
-        rest = (W / S - floor).clamp(1e-4, 1 - 1e-4)
-        V = (-torch.log((zeta - gamma) / (rest - gamma) - 1)).requires_grad_(True)
-        opt = torch.optim.Adam([V], lr=1e-2)
+            def rec(wq: Any, idx: Any) -> Any:
+                d = fwd(x_all[idx], wq) - y_all[idx]
+                return d.pow(2).sum(1).mean()
 
-        def h() -> Any:
-            return torch.clamp(torch.sigmoid(V) * (zeta - gamma) + gamma, 0, 1)
-
-        def rec(wq: Any, idx: Any) -> Any:
-            d = fwd(x_all[idx], wq) - y_all[idx]
-            return d.pow(2).sum(1).mean()
-
-        t0 = time.perf_counter()
-        it, iters_cap = 0, max_iters
-        bs = min(8, len(x_all))
-        while it < iters_cap:
-            idx = torch.randint(0, len(x_all), (bs,), generator=g)
-            frac = it / iters_cap
-            beta = 20 - (20 - 2) * max(0.0, (frac - 0.2) / 0.8)
-            wq = S * torch.clamp(floor + h(), -127, 127)
-            loss = rec(wq, idx)
-            if frac >= 0.2:  # warm-up without the rounding regulariser, then anneal beta 20 -> 2
-                loss = loss + reg * (1 - (2 * h() - 1).abs().pow(beta)).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            it += 1
-            if it == min_iters:  # set this layer's iteration count from the time the first ones took
-                per_it = (time.perf_counter() - t0) / it
-                iters_cap = int(np.clip(per_layer / max(per_it, 1e-6), min_iters, max_iters))
-        with torch.no_grad():
-            q = torch.clamp(floor + (h() >= 0.5).float(), -127, 127)
-            eval_idx = torch.arange(min(len(x_all), 32))
-            err_ada = float(rec(S * q, eval_idx))
-            err_near = float(rec(S * torch.from_numpy(q_near.astype(np.float32)), eval_idx))
-        if err_ada < err_near:  # keep nearest rounding where learning did not help
-            out[n.input[1]] = q.numpy().astype(np.int8)
-        gains.append((err_near, min(err_ada, err_near), it))
-    report = {"layers": len(nodes), "improved": len(out), "seconds": round(time.perf_counter() - t_start, 1),
-              "budget_s": budget_s, "mean_iters": float(np.mean([gi[2] for gi in gains])) if gains else 0,
-              "recon_error_nearest": float(np.sum([gi[0] for gi in gains])),
-              "recon_error_learned": float(np.sum([gi[1] for gi in gains]))}
+            t0 = time.perf_counter()
+            it, iters_cap = 0, max_iters
+            bs = min(8, len(x_all))
+            while it < iters_cap:
+                idx = torch.randint(0, len(x_all), (bs,), generator=g)
+                frac = it / iters_cap
+                beta = 20 - (20 - 2) * max(0.0, (frac - 0.2) / 0.8)
+                wq = S * torch.clamp(floor + h(), -127, 127)
+                loss = rec(wq, idx)
+                if frac >= 0.2:  # warm-up without the rounding regulariser, then anneal beta 20 -> 2
+                    loss = loss + reg * (1 - (2 * h() - 1).abs().pow(beta)).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                it += 1
+                if it == min_iters:  # set this layer's iteration count from the time the first ones took
+                    per_it = (time.perf_counter() - t0) / it
+                    iters_cap = int(np.clip(per_layer / max(per_it, 1e-6), min_iters, max_iters))
+                if time.perf_counter() >= deadline:  # budget spent: stop here, judged against nearest below
+                    break
+            with torch.no_grad():
+                q = torch.clamp(floor + (h() >= 0.5).float(), -127, 127)
+                q_n = torch.from_numpy(q_near.astype(np.float32))
+                chunks = [torch.arange(i, min(i + 8, len(x_all))) for i in range(0, len(x_all), 8)]
+                err_ada = float(sum(float(rec(S * q, c)) * len(c) for c in chunks) / len(x_all))
+                err_near = float(sum(float(rec(S * q_n, c)) * len(c) for c in chunks) / len(x_all))
+            if err_ada < err_near:  # keep nearest rounding where learning did not help
+                out[n.input[1]] = q.numpy().astype(np.int8)
+            layers.append({"layer": n.name, "rel_error_nearest": cost[n.name], "iters": it,
+                           "recon_error_nearest": err_near, "recon_error_learned": min(err_ada, err_near),
+                           "kept": err_ada < err_near})
+        del io
+    report = {"layers": len(nodes), "costly": len(chosen), "learned": len(layers), "improved": len(out),
+              "not_reached": len(chosen) - len(layers), "min_rel_error": min_rel_error,
+              "seconds": round(time.perf_counter() - t_start, 1), "budget_s": budget_s, "images": n_img,
+              "scoring_images": score_img, "memory_mib": memory_mib, "data_passes": groups,
+              "mean_iters": float(np.mean([r["iters"] for r in layers])) if layers else 0.0,
+              "recon_error_nearest": float(np.sum([r["recon_error_nearest"] for r in layers])),
+              "recon_error_learned": float(np.sum([r["recon_error_learned"] for r in layers])),
+              "per_layer": layers}
     return out, report
 
 

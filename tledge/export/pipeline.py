@@ -54,8 +54,8 @@ class ExportConfig:
     bias_correction_mode: str = "auto"    # auto (the better on held-out calibration images) | empirical | analytic
     bias_correction_images: int = 64
     head_refit: bool = True               # re-fit the linear head on INT8 features of training images
-    adaround: bool = False                # learned weight rounding (off by default: see README, INT8)
-    adaround_budget_s: float = 60.0       # CPU seconds for learned rounding, split over the layers
+    adaround: bool = True                 # learned weight rounding where nearest rounding costs (README, INT8)
+    adaround_budget_s: float = 60.0       # wall seconds for learned rounding in all, worst layers first
     adaround_images: int = 32
     refit_count: int = 4000               # training images used for the head refit (stratified)
     refit_distill: float = 0.0            # weight of distillation from FP32 logits (1 - it: labels)
@@ -255,6 +255,9 @@ def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
     if not 0.0 <= cfg.refit_distill <= 1.0:
         raise UsageError(f"--refit-distill {cfg.refit_distill} is not a weight between 0 and 1.",
                          "pass 0 (labels only) to 1 (FP32 logits only).")
+    if cfg.adaround and not cfg.adaround_budget_s > 0:
+        raise UsageError(f"--adaround-budget {cfg.adaround_budget_s} is not a positive number of seconds.",
+                         "pass a budget such as 60, or --no-adaround to keep nearest rounding.")
     want_engine = cfg.engine
     if want_engine and not trt_build.tensorrt_available()[0]:
         # explicit --engine: say why and stop before any work
@@ -386,8 +389,11 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
         overrides, info = improve.adaround(base, [calib.x[i:i + 8].copy() for i in range(0, n_img, 8)],
                                            cfg.adaround_budget_s, threads=cfg.threads)
         techniques["adaround"] = info
-        note(f"learned weight rounding: {info['improved']}/{info['layers']} layers improved, output reconstruction "
-             f"error {info['recon_error_nearest']:.3g} -> {info['recon_error_learned']:.3g} in {info['seconds']:.0f}s")
+        note(f"learned weight rounding: {info['costly']}/{info['layers']} layers lose more than "
+             f"{info['min_rel_error']:.0e} of their output to nearest rounding; {info['learned']} learned within "
+             f"the {info['budget_s']:.0f} s budget ({info['not_reached']} not reached), {info['improved']} improved "
+             f"(reconstruction error {info['recon_error_nearest']:.3g} -> {info['recon_error_learned']:.3g}) "
+             f"in {info['seconds']:.0f} s")
     bc_modes = (() if not cfg.bias_correction else
                 ("analytic", "empirical") if cfg.bias_correction_mode == "auto" else (cfg.bias_correction_mode,))
     analytic, analytic_info = None, None
