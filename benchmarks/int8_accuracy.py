@@ -33,14 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, save, table  # noqa: E402
 
 CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
-DEFAULT = "+ head refit (default)"
+DEFAULT = "+ learned rounding, 60 s (default)"
 ABLATION = [  # (name, cle, bias_correction, bias_correction_mode, head_refit, adaround)
     ("tledge ranges only", False, False, "auto", False, False),
     ("+ cross-layer equalization", True, False, "auto", False, False),
     ("+ bias correction, analytic", True, True, "analytic", False, False),
     ("+ bias correction, auto", True, True, "auto", False, False),
-    (DEFAULT, True, True, "auto", True, False),
-    ("+ learned rounding, 60 s", True, True, "auto", True, True),
+    ("+ head refit", True, True, "auto", True, False),
+    (DEFAULT, True, True, "auto", True, True),
+    ("learned rounding alone, 60 s", False, False, "auto", False, True),
     ("head refit alone", False, False, "auto", True, False),
 ]
 
@@ -213,6 +214,10 @@ def main() -> None:
             print("tledge INT8 (ablation; no layer fallback):")
             print(table(r["tledge"], ["config", "form", "method", "top1", "drop_pt", "agreement", "export_s",
                                       "peak_mib", "calib_s", "calib_cache"]))
+            ada = r["techniques"].get("adaround", {})
+            print(f"default: learned rounding: {ada.get('costly')}/{ada.get('layers')} layers above "
+                  f"{ada.get('min_rel_error')} relative error, {ada.get('learned')} learned, {ada.get('improved')} "
+                  f"improved, {ada.get('not_reached')} not reached, {ada.get('seconds')} s of {ada.get('budget_s')} s")
             bc = r["techniques"].get("bias_correction", {})
             print("default: bias correction chosen per form: " + ", ".join(
                 f"{f} {bc.get(f'chosen_{f}')} (held-out calibration logit MSE {bc.get(f'scores_{f}')})"
