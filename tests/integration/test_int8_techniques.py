@@ -133,12 +133,16 @@ def test_empirical_bias_correction_removes_the_int8_networks_mean_shift(default_
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_learned_rounding_lowers_reconstruction_error(tmp_path: Path) -> None:
+def _small_mobilenet(tmp_path: Path) -> tuple[onnx.ModelProto, np.ndarray]:
+    """A 64 px MobileNetV3-small graph (random weights, seeded) and 16 random inputs for it."""
     card = fake_card("mobilenet_v3_small", 64)
     torch.manual_seed(0)
     onnx_io.export(build_classifier(card).eval(), card, tmp_path / "m.onnx")
-    fp32 = onnx.load(str(tmp_path / "m.onnx"))
-    x = np.random.default_rng(0).standard_normal((16, 3, 64, 64)).astype(np.float32)
+    return onnx.load(str(tmp_path / "m.onnx")), np.random.default_rng(0).standard_normal((16, 3, 64, 64)).astype(np.float32)
+
+
+def test_learned_rounding_lowers_reconstruction_error(tmp_path: Path) -> None:
+    fp32, x = _small_mobilenet(tmp_path)
     overrides, info = improve.adaround(fp32, [x[:8], x[8:]], budget_s=5.0, min_iters=30, max_iters=60)
     assert info["recon_error_learned"] < info["recon_error_nearest"] and info["improved"] > 0
     assert all(v.dtype == np.int8 for v in overrides.values())
@@ -152,11 +156,7 @@ def test_learned_rounding_lowers_reconstruction_error(tmp_path: Path) -> None:
 
 
 def test_learned_rounding_goes_where_rounding_costs_within_budget(tmp_path: Path) -> None:
-    card = fake_card("mobilenet_v3_small", 64)
-    torch.manual_seed(0)
-    onnx_io.export(build_classifier(card).eval(), card, tmp_path / "m.onnx")
-    fp32 = onnx.load(str(tmp_path / "m.onnx"))
-    x = np.random.default_rng(0).standard_normal((16, 3, 64, 64)).astype(np.float32)
+    fp32, x = _small_mobilenet(tmp_path)
     batches = [x[:8], x[8:]]
     # a tiny memory cap: layers learned in many groups, one network pass each, scored on fewer images
     overrides, info = improve.adaround(fp32, batches, budget_s=5.0, min_iters=20, max_iters=30, memory_mib=0.01)

@@ -18,7 +18,8 @@ quantization. Each technique is switchable and recorded in the export manifest.
   unclipped. Per form (their activation grids differ). The export keeps whichever of the two
   corrections brings the INT8 logits closer to FP32 on calibration images the fit did not see.
 - Learned weight rounding (AdaRound, Nagel et al. 2020): each weight rounded up or down to reconstruct
-  its layer's FP32 output on calibration images, within a CPU time budget (see ``adaround``).
+  its layer's FP32 output on calibration images, for the layers whose output nearest rounding costs most,
+  worst first, within a wall-clock budget and a memory cap (see ``adaround``).
 - Quantization-tolerant head: the classification head is re-fitted on features computed by the INT8
   backbone on training images (never val), so it learns the decision margins of the features it will
   really see. The FP32 model is unchanged; only the INT8 graph's head differs. Linear heads only.
