@@ -217,7 +217,9 @@ def main() -> None:
             ada = r["techniques"].get("adaround", {})
             print(f"default: learned rounding: {ada.get('costly')}/{ada.get('layers')} layers above "
                   f"{ada.get('min_rel_error')} relative error, {ada.get('learned')} learned, {ada.get('improved')} "
-                  f"improved, {ada.get('not_reached')} not reached, {ada.get('seconds')} s of {ada.get('budget_s')} s")
+                  f"improved, {ada.get('not_reached')} not reached, {ada.get('seconds')} s of {ada.get('budget_s')} s; kept "
+                  + ", ".join(f"{f} {ada.get(f'kept_{f}')} (held-out logit MSE {ada.get(f'scores_{f}')})"
+                              for f in ("tensorrt", "cpu")))
             bc = r["techniques"].get("bias_correction", {})
             print("default: bias correction chosen per form: " + ", ".join(
                 f"{f} {bc.get(f'chosen_{f}')} (held-out calibration logit MSE {bc.get(f'scores_{f}')})"

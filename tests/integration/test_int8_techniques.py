@@ -181,9 +181,13 @@ def test_every_technique_switches_off_and_graphs_stay_valid(default_run_64: Path
     on = run_export(run, ExportConfig(int8=True, max_drop=100.0, threads=2, adaround_budget_s=5.0))
     assert set(on["int8"]["techniques"]) == {"cle", "bias_correction", "head_refit", "adaround"}
     assert on["int8"]["techniques"]["head_refit"]["applied"] and on["int8"]["techniques"]["head_refit"]["images"] == 2000
-    bc = on["int8"]["techniques"]["bias_correction"]
+    bc, ada = on["int8"]["techniques"]["bias_correction"], on["int8"]["techniques"]["adaround"]
     for form in ("tensorrt", "cpu"):  # auto: both candidates scored on held-out calibration images
         assert bc[f"chosen_{form}"] in ("analytic", "empirical") and set(bc[f"scores_{form}"]) == {"analytic", "empirical"}
+        if ada["improved"]:  # learned rounding judged per form against nearest on the same held-out images
+            s = ada[f"scores_{form}"]
+            assert ada[f"kept_{form}"] == (s["learned"] < s["nearest"])
+    assert ada["probe_held_out"] and bc["probe_held_out"]
     assert check_tensorrt_qdq(onnx.load(str(run / "model.int8.trt.onnx"))) == []
     analytic = run_export(run, ExportConfig(int8=True, max_drop=100.0, threads=2, head_refit=False, adaround=False,
                                             bias_correction_mode="analytic"))

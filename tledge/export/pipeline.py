@@ -383,12 +383,15 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
     stats, cinfo = calibration_stats(base, samples, pre, run / "calib", cfg.threads, calib)
     cinfo["source"] = where
     manifest["calibration"] = cinfo
+    # fits (learned rounding, empirical bias correction) use images after the probe ones when there are
+    # enough, so the probe judges them on images they did not see
+    first = len(probe) * 32 if len(calib) >= 64 + 32 else 0
     overrides: dict[str, np.ndarray] = {}
     if cfg.adaround:
-        n_img = min(cfg.adaround_images, len(calib))
-        overrides, info = improve.adaround(base, [calib.x[i:i + 8].copy() for i in range(0, n_img, 8)],
+        fit = calib.x[first:first + cfg.adaround_images]
+        overrides, info = improve.adaround(base, [fit[i:i + 8].copy() for i in range(0, len(fit), 8)],
                                            cfg.adaround_budget_s, threads=cfg.threads)
-        techniques["adaround"] = info
+        techniques["adaround"] = {**info, "probe_held_out": first > 0}
         note(f"learned weight rounding: {info['costly']}/{info['layers']} layers lose more than "
              f"{info['min_rel_error']:.0e} of their output to nearest rounding; {info['learned']} learned within "
              f"the {info['budget_s']:.0f} s budget ({info['not_reached']} not reached), {info['improved']} improved "
@@ -396,17 +399,12 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
              f"in {info['seconds']:.0f} s")
     bc_modes = (() if not cfg.bias_correction else
                 ("analytic", "empirical") if cfg.bias_correction_mode == "auto" else (cfg.bias_correction_mode,))
-    analytic, analytic_info = None, None
-    if "analytic" in bc_modes:
-        analytic, analytic_info = improve.bias_correct(
-            base, improve.channel_means(base, calib.batches(16), cfg.threads), overrides)
-    # empirical correction fits its images; the probe images that judge it are kept out when there are enough
-    first = len(probe) * 32 if len(calib) >= 64 + 32 else 0
+    means = improve.channel_means(base, calib.batches(16), cfg.threads) if "analytic" in bc_modes else None
+    analytic_by_rounding: dict[bool, Any] = {}  # analytic correction, for learned (True) or nearest rounding
     bc_batches = [calib.x[i:i + 32].copy()
                   for i in range(first, min(first + cfg.bias_correction_images, len(calib)), 32)]
     if bc_modes:
-        techniques["bias_correction"] = {"mode": cfg.bias_correction_mode, "probe_held_out": first > 0,
-                                         **({"analytic": analytic_info} if analytic_info else {})}
+        techniques["bias_correction"] = {"mode": cfg.bias_correction_mode, "probe_held_out": first > 0}
     calib.close()
     gemm = improve.head_gemm(base)
     train_ev, train_logits = None, None
@@ -425,10 +423,21 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
         if cfg.method == "auto":
             note(f"INT8 {form}: method {method} chosen (logit MSE on calibration images: "
                  + ", ".join(f"{m} {v:.4g}" for m, v in scores.items()) + ")")
+        rounding = overrides
+        if overrides:  # learned rounding is kept for this form only if it brings the logits closer to FP32
+            rounding = learned_or_nearest(base, stats, form, method, cfg, probe, probe_ref, overrides,
+                                          techniques["adaround"])
+        analytic = None
+        if means is not None:
+            learned = bool(rounding)
+            if learned not in analytic_by_rounding:
+                analytic_by_rounding[learned] = improve.bias_correct(base, means, rounding)
+                techniques["bias_correction"].setdefault("analytic", analytic_by_rounding[learned][1])
+            analytic = analytic_by_rounding[learned][0]
         model, form_overrides = bias_corrected(base, analytic, bc_modes, stats, form, method, cfg, bc_batches,
-                                               probe, probe_ref, overrides, techniques), overrides
+                                               probe, probe_ref, rounding, techniques), rounding
         if train_ev is not None and gemm is not None:
-            q = quantize_model(model, stats, form, method, cfg.percentile, weight_overrides=overrides)
+            q = quantize_model(model, stats, form, method, cfg.percentile, weight_overrides=rounding)
             feats = improve.features_through(q, gemm.input[0], train_ev.batches(32), cfg.threads)
             w0, b0 = improve.head_weights(model, gemm)
             teacher = None
@@ -444,7 +453,7 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
                                       distill=cfg.refit_distill)
             model = improve.with_head(model, gemm, w, b)
             # the re-fitted head is new weights: nearest rounding for them, not the rounding learned for the old
-            form_overrides = {k: v for k, v in overrides.items() if k != gemm.input[1]}
+            form_overrides = {k: v for k, v in rounding.items() if k != gemm.input[1]}
             techniques.setdefault("head_refit", {"applied": True, "images": len(train_ev), "epochs": epochs,
                                                  "source": "training split"})
         q, report = gate_int8(model, stats, form, method, cfg, evalset, ref, probe, probe_ref, form_overrides)
@@ -466,6 +475,24 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
     write_json(run / "calib" / "calibration.json", {"key": cinfo["key"], "source": where, "images": len(samples),
                                                     "percentile": cfg.percentile, "forms": ranges})
     return out
+
+
+def learned_or_nearest(base: Any, stats: dict[str, cal.TensorStats], form: str, method: str, cfg: ExportConfig,
+                       probe: list[np.ndarray], probe_ref: np.ndarray, learned: dict[str, np.ndarray],
+                       report: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The weight rounding for this form: the learned one if its INT8 logits are closer (MSE) to FP32 than
+    nearest rounding's on the probe calibration images (which the rounding was not learned on), else
+    nearest ({}). Learned rounding reconstructs each layer from FP32 inputs, so where activation
+    quantization dominates (e.g. TensorRT's signed grid after ReLU6) it need not help the network."""
+    scores = {}
+    for name, ov in (("nearest", {}), ("learned", learned)):
+        q = quantize_model(base, stats, form, method, cfg.percentile, weight_overrides=ov)
+        scores[name] = float(np.mean((_ort_logits(q, probe, cfg.threads) - probe_ref) ** 2))
+    keep = scores["learned"] < scores["nearest"]
+    report[f"kept_{form}"], report[f"scores_{form}"] = keep, scores
+    note(f"learned weight rounding ({form}): {'kept' if keep else 'not kept'} (logit MSE on held-out calibration "
+         f"images: nearest {scores['nearest']:.4g}, learned {scores['learned']:.4g})")
+    return learned if keep else {}
 
 
 def bias_corrected(base: Any, analytic: Any, modes: tuple[str, ...], stats: dict[str, cal.TensorStats], form: str,
