@@ -34,6 +34,7 @@ from _common import ROOT, machine, save, table  # noqa: E402
 
 CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
 DEFAULT = "+ learned rounding, 60 s (default)"
+ROUNDS = 5  # latency rounds; 3 left a busy machine's outlier round as the median (efficientnet_lite0, 1 in 3 runs)
 ABLATION = [  # (name, cle, bias_correction, bias_correction_mode, head_refit, adaround)
     ("tledge ranges only", False, False, "auto", False, False),
     ("+ cross-layer equalization", True, False, "auto", False, False),
@@ -181,13 +182,18 @@ def bench_backbone(name: str, data: Path, size: int, tmp: Path) -> dict:
     paths = {"tledge_cpu_form": str(tmp / f"tledge_cpu_{name}.onnx"),
              "plain_quantize_static_cpu_form": best_b["path"], "onnx_fp32": str(run / "model.onnx")}
     rounds: dict[str, list] = {k: [] for k in paths}
-    for _ in range(3):  # alternating rounds, median p50: side by side, so machine noise hits all alike
+    for _ in range(ROUNDS):  # alternating rounds, median p50: side by side, so machine noise hits all alike
         for k, p in paths.items():
             rounds[k].append(latency(p, x1, x32))
     lat = {k: tuple(float(np.median([r[i] for r in v])) for i in range(2)) for k, v in rounds.items()}
+    # tledge / plain within each round (measured back to back), median over the rounds
+    ratio = tuple(float(np.median([t[i] / p[i] for t, p in zip(rounds["tledge_cpu_form"],
+                                                                rounds["plain_quantize_static_cpu_form"])]))
+                  for i in range(2))
     ev.close()
     return {"backbone": name, "size": size, "test_images": len(test), "torch_top1": torch_top1,
-            "baseline": baseline, "tledge": ours, "latency_ms_b1_b32": lat, "latency_rounds": rounds, "techniques": techniques}
+            "baseline": baseline, "tledge": ours, "latency_ms_b1_b32": lat, "latency_rounds": rounds,
+            "latency_ratio_tledge_to_plain_b1_b32": ratio, "techniques": techniques}
 
 
 def main() -> None:
@@ -225,8 +231,11 @@ def main() -> None:
                 f"{f} {bc.get(f'chosen_{f}')} (held-out calibration logit MSE {bc.get(f'scores_{f}')})"
                 for f in ("tensorrt", "cpu")))
             lat = r["latency_ms_b1_b32"]
-            print("CPU latency p50 ms (batch 1 / batch 32), median of 3 alternating rounds: " + ", ".join(
+            print(f"CPU latency p50 ms (batch 1 / batch 32), median of {ROUNDS} alternating rounds: " + ", ".join(
                 f"{k} {v[0]:.2f} / {v[1]:.2f}" for k, v in lat.items()))
+            rb1, rb32 = r["latency_ratio_tledge_to_plain_b1_b32"]
+            print(f"tledge CPU form / plain quantize_static, median of per-round ratios: batch 1 {rb1:.3f}, "
+                  f"batch 32 {rb32:.3f}")
     print(f"\nwrote {save('int8_accuracy', {'machine': machine(), 'results': results})}")
 
 
