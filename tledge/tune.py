@@ -12,6 +12,7 @@ presence marks a finished run. Training state is checkpointed after every epoch 
 from __future__ import annotations
 
 import math
+import os
 import platform
 import shutil
 import signal
@@ -332,6 +333,7 @@ def finetune(model: Classifier, spec: backbones.BackboneSpec, report: ScanReport
         if resume:
             resume.save({"phase": "finetune", "epoch": epoch, "model": model.state_dict(),
                          "optimizer": opt.state_dict(), "history": history, "best": best})
+        maybe_interrupt(f"finetune:{epoch}")
     model.load_state_dict(best["state"])
     for p in model.parameters():
         p.requires_grad_(False)
@@ -360,6 +362,14 @@ def _prepare_run_dir(out: Path, overwrite: bool) -> None:
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def maybe_interrupt(stage: str) -> None:
+    """Testing aid for the interrupt path: TLEDGE_INTERRUPT_AT=STAGE (e.g. ``finetune:2``, after that
+    epoch's checkpoint) sends this process SIGINT there, as a user's Ctrl-C at that moment would, so a
+    test does not race a fast run."""
+    if os.environ.get("TLEDGE_INTERRUPT_AT") == stage:
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume: bool = False,
