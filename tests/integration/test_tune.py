@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -109,8 +110,11 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_data: Path, tmp_path: P
     out = tmp_path / "run"
     # SIGINT after fine-tune epoch 3's checkpoint, sent by the run itself (TLEDGE_INTERRUPT_AT): polling
     # for the checkpoint from here raced a run that finished its 8 epochs first
+    # SIGINT's default action restored in the child: a test run in the background (`make test &`, nohup)
+    # inherits SIGINT ignored, and Python then installs no Ctrl-C handler
     proc = subprocess.run([sys.executable, "-m", "tledge", "tune", *args, "--out", str(out)],
-                          env={**tledge_env(), "TLEDGE_INTERRUPT_AT": "finetune:2"}, capture_output=True, text=True)
+                          env={**tledge_env(), "TLEDGE_INTERRUPT_AT": "finetune:2"}, capture_output=True, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 130, proc.stderr
     assert "interrupted" in proc.stderr and "--resume" in proc.stderr
     assert not (out / "model_card.json").exists(), "an interrupted run must not look finished"
