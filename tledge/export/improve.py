@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from tledge.export.calibrate import probe_session
-from tledge.export.quantize import _weight_axis, consumers_of, quantize_weight
+from tledge.export.quantize import _weight_axis, consumers_of, per_channel, quantize_weight
 
 
 def _onnx() -> Any:
@@ -166,9 +166,7 @@ def bias_correct(model: Any, means: dict[str, np.ndarray], weight_overrides: dic
         q, s = quantize_weight(w, axis)
         if weight_overrides and n.input[1] in weight_overrides:
             q = weight_overrides[n.input[1]]
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        dw = q.astype(np.float64) * s.reshape(shape) - w.astype(np.float64)
+        dw = q.astype(np.float64) * per_channel(s, w.ndim, axis) - w.astype(np.float64)
         mu = means[n.input[0]]
         if n.op_type == "Gemm":
             delta = (dw.T if axis == 1 else dw) @ mu
@@ -304,8 +302,8 @@ def _io_groups(nodes: list[Any], per_image: dict[str, int], images: int, cap_byt
     return groups
 
 
-def _layer_forward(n: Any, inits: dict[str, Any]) -> tuple[Any, Any, int, Any]:
-    """(FP32 weight, bias or None, weight's channel axis, fwd(x, w)) of a Conv/Gemm, in torch."""
+def _layer_forward(n: Any, inits: dict[str, Any]) -> tuple[np.ndarray, int, Any]:
+    """(FP32 weight, its channel axis, fwd(x, w) with the layer's own bias) of a Conv/Gemm, in torch."""
     import torch
     import torch.nn.functional as F
     from onnx import numpy_helper
@@ -324,7 +322,7 @@ def _layer_forward(n: Any, inits: dict[str, Any]) -> tuple[Any, Any, int, Any]:
 
         def fwd(x: Any, wq: Any) -> Any:
             return F.linear(x, wq if trans_b else wq.t(), b)
-    return w, b, _weight_axis(n), fwd
+    return w, _weight_axis(n), fwd
 
 
 # An 8-bit activation grid over +-4 sigma adds noise of (8/255)^2/12 ~ 8e-5 of the output's variance; a layer
@@ -377,12 +375,10 @@ def adaround(model: Any, batches: list[np.ndarray], budget_s: float = 60.0, min_
         for group in _io_groups(nodes, per_image, score_img, cap):
             io = layer_io(model, group, passes(group, score_img), threads)
             for n in group:
-                w, _, axis, fwd = _layer_forward(n, inits)
+                w, axis, fwd = _layer_forward(n, inits)
                 q, s = quantize_weight(w, axis)
-                shape = [1] * w.ndim
-                shape[axis] = -1
                 x, y = (torch.from_numpy(np.ascontiguousarray(a)) for a in io[n.name])
-                wq = torch.from_numpy((q.astype(np.float32) * s.reshape(shape)).astype(np.float32))
+                wq = torch.from_numpy((q.astype(np.float32) * per_channel(s, w.ndim, axis)).astype(np.float32))
                 cost[n.name] = float((fwd(x, wq) - y).pow(2).mean() / (y.var() + 1e-12))
             del io
     chosen = sorted((n for n in nodes if cost[n.name] >= min_rel_error), key=lambda n: -cost[n.name])
@@ -404,11 +400,9 @@ def adaround(model: Any, batches: list[np.ndarray], budget_s: float = 60.0, min_
             # 85%: the data passes and each layer's final evaluation come out of the same budget
             per_layer = 0.85 * (deadline - now) / (len(chosen) - done)
             done += 1
-            w, _, axis, fwd = _layer_forward(n, inits)
+            w, axis, fwd = _layer_forward(n, inits)
             q_near, s = quantize_weight(w, axis)
-            shape = [1] * w.ndim
-            shape[axis] = -1
-            W, S = torch.from_numpy(w), torch.from_numpy(s.reshape(shape))
+            W, S = torch.from_numpy(w), torch.from_numpy(per_channel(s, w.ndim, axis))
             x_all, y_all = (torch.from_numpy(np.ascontiguousarray(a)) for a in io[n.name])
             floor = torch.floor(W / S)
             rest = (W / S - floor).clamp(1e-4, 1 - 1e-4)

@@ -155,6 +155,11 @@ def _ort_logits(model: Any, batches: list[np.ndarray], threads: int | None) -> n
     return np.concatenate([sess.run(None, {name: b})[0] for b in batches])
 
 
+def _probe_mse(model: Any, probe: list[np.ndarray], probe_ref: np.ndarray, threads: int | None) -> float:
+    """Mean squared difference of ``model``'s logits from the FP32 ones on the probe calibration images."""
+    return float(np.mean((_ort_logits(model, probe, threads) - probe_ref) ** 2))
+
+
 def choose_method(fp32: Any, stats: dict[str, cal.TensorStats], form: str, cfg: ExportConfig,
                   probe: list[np.ndarray], probe_ref: np.ndarray, overrides: dict[str, np.ndarray] | None = None,
                   ) -> tuple[str, dict[str, float]]:
@@ -164,7 +169,7 @@ def choose_method(fp32: Any, stats: dict[str, cal.TensorStats], form: str, cfg: 
     scores = {}
     for m in methods:
         q = quantize_model(fp32, stats, form, m, cfg.percentile, weight_overrides=overrides)
-        scores[m] = float(np.mean((_ort_logits(q, probe, cfg.threads) - probe_ref) ** 2))
+        scores[m] = _probe_mse(q, probe, probe_ref, cfg.threads)
     return min(scores, key=scores.get), scores
 
 
@@ -179,7 +184,7 @@ def sensitivity(fp32: Any, stats: dict[str, cal.TensorStats], form: str, method:
         task = prog.add_task(f"sensitivity ({form})", total=len(nodes), info="")
         for n in nodes:
             q = quantize_model(fp32, stats, form, method, cfg.percentile, exclude={n}, weight_overrides=overrides)
-            out.append((n, float(np.mean((_ort_logits(q, probe, cfg.threads) - probe_ref) ** 2))))
+            out.append((n, _probe_mse(q, probe, probe_ref, cfg.threads)))
             prog.advance(task)
     return sorted(out, key=lambda t: t[1])
 
@@ -426,7 +431,7 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
         rounding = overrides
         if overrides:  # learned rounding is kept for this form only if it brings the logits closer to FP32
             rounding = learned_or_nearest(base, stats, form, method, cfg, probe, probe_ref, overrides,
-                                          techniques["adaround"])
+                                          scores[method], techniques["adaround"])
         analytic = None
         if means is not None:
             learned = bool(rounding)
@@ -479,15 +484,14 @@ def int8_graphs(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, r
 
 def learned_or_nearest(base: Any, stats: dict[str, cal.TensorStats], form: str, method: str, cfg: ExportConfig,
                        probe: list[np.ndarray], probe_ref: np.ndarray, learned: dict[str, np.ndarray],
-                       report: dict[str, Any]) -> dict[str, np.ndarray]:
+                       learned_score: float, report: dict[str, Any]) -> dict[str, np.ndarray]:
     """The weight rounding for this form: the learned one if its INT8 logits are closer (MSE) to FP32 than
     nearest rounding's on the probe calibration images (which the rounding was not learned on), else
-    nearest ({}). Learned rounding reconstructs each layer from FP32 inputs, so where activation
-    quantization dominates (e.g. TensorRT's signed grid after ReLU6) it need not help the network."""
-    scores = {}
-    for name, ov in (("nearest", {}), ("learned", learned)):
-        q = quantize_model(base, stats, form, method, cfg.percentile, weight_overrides=ov)
-        scores[name] = float(np.mean((_ort_logits(q, probe, cfg.threads) - probe_ref) ** 2))
+    nearest ({}). ``learned_score`` is that MSE with the learned rounding, as choose_method measured it.
+    Learned rounding reconstructs each layer from FP32 inputs, so where activation quantization dominates
+    it need not help the network."""
+    nearest = quantize_model(base, stats, form, method, cfg.percentile)
+    scores = {"nearest": _probe_mse(nearest, probe, probe_ref, cfg.threads), "learned": learned_score}
     keep = scores["learned"] < scores["nearest"]
     report[f"kept_{form}"], report[f"scores_{form}"] = keep, scores
     note(f"learned weight rounding ({form}): {'kept' if keep else 'not kept'} (logit MSE on held-out calibration "
@@ -518,7 +522,7 @@ def bias_corrected(base: Any, analytic: Any, modes: tuple[str, ...], stats: dict
         bc[f"chosen_{form}"] = mode
         note(f"bias correction ({form}): {mode}")
         return model
-    scores = {m: float(np.mean((_ort_logits(quantize(c), probe, cfg.threads) - probe_ref) ** 2))
+    scores = {m: _probe_mse(quantize(c), probe, probe_ref, cfg.threads)
               for m, c in cands.items()}
     mode = min(scores, key=scores.get)
     bc[f"chosen_{form}"], bc[f"scores_{form}"] = mode, scores

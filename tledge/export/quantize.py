@@ -108,11 +108,16 @@ def weight_scales(w: np.ndarray, axis: int) -> np.ndarray:
     return np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
 
 
+def per_channel(s: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """Per-channel scales ``s`` shaped to broadcast along ``axis`` of an ``ndim``-dimensional weight."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return s.reshape(shape)
+
+
 def quantize_weight(w: np.ndarray, axis: int, scales: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     s = weight_scales(w, axis) if scales is None else scales
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.clip(np.round(w / s.reshape(shape)), -127, 127).astype(np.int8)
+    q = np.clip(np.round(w / per_channel(s, w.ndim, axis)), -127, 127).astype(np.int8)
     return q, s
 
 
