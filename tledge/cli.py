@@ -142,20 +142,27 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
               help="Largest top-1 loss (points, val split, against PyTorch) an INT8 graph may have.")
 @click.option("--no-fallback", is_flag=True, help="Fail instead of keeping sensitive layers in float.")
 @click.option("--no-cle", is_flag=True, help="INT8: no cross-layer equalization.")
-@click.option("--no-bias-correction", is_flag=True, help="INT8: no bias correction.")
-@click.option("--bias-correction", "bias_correction_mode", type=click.Choice(["auto", "empirical", "analytic"]),
+@click.option("--no-bias-correction", is_flag=True, help="INT8: no bias correction (same as --bias-correction off).")
+@click.option("--bias-correction", "bias_correction_mode", type=click.Choice(["auto", "analytic", "empirical", "off"]),
               default="auto", show_default=True,
-              help="INT8: empirical (measured on calibration images, per form), analytic (weight rounding only), "
-                   "or auto: the one whose INT8 logits are closer to FP32 on held-out calibration images.")
+              help="INT8: analytic (weight rounding only), empirical (measured on calibration images, per form), "
+                   "or auto: analytic, and when the plan escalates whichever is closer to FP32 on the judge images.")
 @click.option("--no-head-refit", is_flag=True, help="INT8: keep the FP32 head instead of re-fitting it on INT8 features.")
+@click.option("--refit-count", type=click.IntRange(1), default=2000, show_default=True,
+              help="INT8 head refit: training images used (stratified).")
 @click.option("--refit-distill", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="INT8 head refit: weight of distillation from the FP32 logits (the rest: the labels).")
+@click.option("--escalate", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="INT8: run the expensive passes (learned rounding, empirical bias correction) when the cheap "
+                   "recipe misses --target-agreement (auto), always (on) or never (off).")
+@click.option("--target-agreement", type=click.FloatRange(0, 1, min_open=True), default=0.97, show_default=True,
+              help="INT8: top-1 agreement with FP32 on held-out calibration images the cheap recipe must reach.")
 @click.option("--adaround/--no-adaround", default=True, show_default=True,
-              help="INT8: learn the weight rounding (AdaRound) of the layers that nearest rounding costs most, "
-                   "within --adaround-budget.")
-@click.option("--adaround-budget", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
-              help="INT8: wall-clock seconds for learned weight rounding in all (worst layers first; the rest keep "
-                   "nearest rounding).")
+              help="INT8: allow learned weight rounding (AdaRound) in the expensive passes.")
+@click.option("--adaround-iters", type=click.IntRange(1), default=2000, show_default=True,
+              help="INT8: learned rounding iterations per layer.")
+@click.option("--adaround-layers", type=click.IntRange(1), default=16, show_default=True,
+              help="INT8: learn the rounding of at most this many layers, those nearest rounding costs most first.")
 @click.option("--engine", type=click.Choice(["fp16", "int8"]), default=None,
               help="Build this TensorRT engine (fails without TensorRT).")
 @click.option("--batch", default="1,8,32", show_default=True, help="Engine batch profile min,opt,max.")
@@ -165,25 +172,30 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
               help="TensorRT timing cache file, reused across builds (default RUN/timing.cache).")
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--simplify", is_flag=True, help="Simplify the FP32 graph with onnxslim (kept only if the check stays green).")
-@click.option("--threads", type=int, default=None, help="onnxruntime threads for checks (default: all cores).")
+@click.option("--threads", type=int, default=None, help="CPU threads for onnxruntime and torch (default: all cores; the graphs do not depend on it).")
 @_handle_errors
 def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: str, percentile: float, calib: str,
            calib_count: int, max_drop: float, no_fallback: bool, no_cle: bool, no_bias_correction: bool,
-           bias_correction_mode: str, no_head_refit: bool, refit_distill: float, adaround: bool, adaround_budget: float,
-           engine: str | None, batch: str, workspace: int,
-           dla_core: int | None, timing_cache: Path | None, opset: int, simplify: bool, threads: int | None) -> None:
+           bias_correction_mode: str, no_head_refit: bool, refit_count: int, refit_distill: float, escalate: str,
+           target_agreement: float, adaround: bool, adaround_iters: int, adaround_layers: int,
+           engine: str | None, batch: str, workspace: int, dla_core: int | None, timing_cache: Path | None,
+           opset: int, simplify: bool, threads: int | None) -> None:
     """Export RUN as ONNX (checked against PyTorch), FP16/INT8 graphs and TensorRT engines."""
-    from tledge.export.pipeline import ExportConfig, run_export
+    from tledge.export.config import CalibConfig, EngineOptions, ExportConfig, GateConfig, Int8Config
+    from tledge.export.pipeline import run_export
     from tledge.export.tensorrt import parse_batch
 
-    cfg = ExportConfig(fp16=fp16, int8=int8, forms=forms or ("tensorrt", "cpu"), method=method,
-                       percentile=percentile, calib=calib, calib_count=calib_count, max_drop=max_drop,
-                       fallback=not no_fallback, cle=not no_cle, bias_correction=not no_bias_correction,
-                       bias_correction_mode=bias_correction_mode,
-                       head_refit=not no_head_refit, refit_distill=refit_distill, adaround=adaround, adaround_budget_s=adaround_budget,
-                       engine=engine, batch=parse_batch(batch), workspace_mib=workspace,
-                       dla_core=dla_core, timing_cache=str(timing_cache) if timing_cache else None, opset=opset,
-                       simplify=simplify, threads=threads)
+    cfg = ExportConfig(
+        fp16=fp16, int8=int8, opset=opset, simplify=simplify, threads=threads,
+        calib=CalibConfig(source=calib, count=calib_count, method=method, percentile=percentile),
+        quant=Int8Config(forms=forms or ("tensorrt", "cpu"), cle=not no_cle,
+                         bias_correction="off" if no_bias_correction else bias_correction_mode,
+                         head_refit=not no_head_refit, refit_count=refit_count, refit_distill=refit_distill,
+                         escalate=escalate, target_agreement=target_agreement, adaround=adaround,
+                         adaround_iters=adaround_iters, adaround_layers=adaround_layers),
+        gate=GateConfig(max_drop=max_drop, fallback=not no_fallback),
+        engine=EngineOptions(engine=engine, batch=parse_batch(batch), workspace_mib=workspace, dla_core=dla_core,
+                             timing_cache=str(timing_cache) if timing_cache else None))
     m = run_export(run, cfg)
     for name, art in m["artefacts"].items():
         chk = m["checks"].get(name, {})

@@ -15,10 +15,10 @@ from tledge.cli import main
 from tledge.data import scan
 from tledge.errors import AccuracyError, DataError, MissingDependency, UsageError
 from tledge.evalset import EvalSet, run_logits
-from tledge.export import calibrate as cal
+from tledge.export.int8 import calibrate as cal
 from tledge.export import tensorrt as trtb
 from tledge.export.pipeline import ExportConfig, _ort_logits, gate_int8, run_export
-from tledge.export.quantize import FORMS, activation_tensors, check_tensorrt_qdq, quantizable_nodes, quantize_model
+from tledge.export.int8.quantize import FORMS, activation_tensors, check_tensorrt_qdq, quantizable_nodes, quantize_model
 from tledge.fsutil import read_json
 from tests.conftest import copy_run
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from tledge import card as card_mod
-from tledge.export import calibrate as cal
+from tledge.export.int8 import calibrate as cal
 from tledge.export import improve
 from tledge.export import onnx as onnx_io
 from tledge.export.pipeline import ExportConfig, _ort_logits, run_export
-from tledge.export.quantize import activation_tensors, check_tensorrt_qdq, quantize_model
+from tledge.export.int8.quantize import activation_tensors, check_tensorrt_qdq, quantize_model
 from tledge.fsutil import read_json
 from tledge.model import build_classifier, load_classifier
 from tests.conftest import ROOT, copy_run
@@ -60,7 +60,7 @@ def test_bias_correction_removes_each_layers_mean_output_error(default_run_64: P
     import torch.nn.functional as F
     from onnx import numpy_helper
 
-    from tledge.export.quantize import _weight_axis, quantize_weight
+    from tledge.export.int8.quantize import weight_axis, quantize_weight
 
     run = copy_run(default_run_64, tmp_path / "run")
     card = card_mod.read(run)
@@ -77,9 +77,9 @@ def test_bias_correction_removes_each_layers_mean_output_error(default_run_64: P
     for n in nodes:
         xin, y = (torch.from_numpy(a) for a in io[n.name])
         w = old[n.input[1]]
-        q, sc = quantize_weight(w, _weight_axis(n))
+        q, sc = quantize_weight(w, weight_axis(n))
         shape = [1] * w.ndim
-        shape[_weight_axis(n)] = -1
+        shape[weight_axis(n)] = -1
         wq = torch.from_numpy(q.astype(np.float32) * sc.reshape(shape))
         if n.op_type == "Conv":
             at = {a.name: list(a.ints) if a.ints else a.i for a in n.attribute}

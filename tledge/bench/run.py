@@ -17,7 +17,7 @@ from tledge.console import note
 from tledge.data import scan
 from tledge.errors import TledgeError
 from tledge.evalset import EvalSet, compare, run_logits
-from tledge.export.pipeline import FILES
+from tledge.export.artefacts import FILES
 
 SCHEMA = "tledge.bench/1"
 

@@ -20,7 +20,7 @@ from tledge import card as card_mod
 from tledge.deploy import tledge_runtime
 from tledge.deploy.tledge_runtime import bundle_io
 from tledge.errors import RunDirError
-from tledge.export.pipeline import FILES, MANIFEST as EXPORT_MANIFEST
+from tledge.export.artefacts import FILES, MANIFEST as EXPORT_MANIFEST
 from tledge.fsutil import read_json, sha256_file, write_json
 
 RUNTIME_FILES = ("__init__.py", "__main__.py", "bundle_io.py", "classify.py", "cuda.py", "engine.py", "preprocess.py",

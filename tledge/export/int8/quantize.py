@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from tledge.export.calibrate import TensorStats, compute_range
+from tledge.export.graph import consumers_of
+from tledge.export.int8.calibrate import TensorStats, compute_range
 
 WEIGHTED = {"Conv", "Gemm", "MatMul"}
 ACT_OPS_BOTH = {"Add"}
@@ -46,15 +47,6 @@ FORMS = {
 def _onnx() -> Any:
     import onnx
     return onnx
-
-
-def consumers_of(model: Any) -> dict[str, list[Any]]:
-    """Tensor name -> the nodes that read it (a node reading a tensor twice is listed twice)."""
-    out: dict[str, list[Any]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            out.setdefault(i, []).append(n)
-    return out
 
 
 def quantizable_nodes(model: Any, form: Form) -> list[str]:
@@ -121,7 +113,7 @@ def quantize_weight(w: np.ndarray, axis: int, scales: np.ndarray | None = None) 
     return q, s
 
 
-def _weight_axis(node: Any) -> int:
+def weight_axis(node: Any) -> int:
     if node.op_type == "Gemm":
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         return 0 if trans_b else 1
@@ -130,31 +122,16 @@ def _weight_axis(node: Any) -> int:
     return 0  # Conv: (out, in/groups, kh, kw)
 
 
-def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, method: str,
-                   percentile: float = 99.99, exclude: frozenset[str] | set[str] = frozenset(),
-                   weight_overrides: dict[str, np.ndarray] | None = None) -> Any:
-    """A Q/DQ copy of ``fp32`` in the given form. ``weight_overrides`` maps a weight initializer name to
-    its already-rounded INT8 values (learned rounding); scales stay the per-channel max rule."""
-    onnx = _onnx()
-    from onnx import TensorProto, helper, numpy_helper
-
-    form = FORMS[form_name]
-    model = onnx.ModelProto()
-    model.CopyFrom(fp32)
-    ensure_node_names(model)
+def _quantizer_sites(model: Any, form: Form, qnodes: set[str], exclude_tensors: frozenset[str] | set[str],
+                     ) -> dict[str, list[tuple[Any, int]]]:
+    """Activation tensor -> the (consumer node, input index) pairs that read it through a Q/DQ pair."""
     g = model.graph
-    inits = {i.name: i for i in g.initializer}
+    inits = {i.name for i in g.initializer}
     consumers: dict[str, list[tuple[Any, int]]] = {}
-    producer: dict[str, Any] = {}
     for n in g.node:
         for k, i in enumerate(n.input):
             consumers.setdefault(i, []).append((n, k))
-        for o in n.output:
-            producer[o] = n
-    qnodes = set(quantizable_nodes(model, form)) - set(exclude)
     graph_outputs = {o.name for o in g.output}
-
-    # 1. which (tensor -> consumer inputs) get a Q/DQ pair
     wants: dict[str, list[tuple[Any, int]]] = {}
     for n in g.node:
         if n.name not in qnodes:
@@ -164,6 +141,8 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
             t = n.input[k]
             if t and t not in inits:
                 wants.setdefault(t, []).append((n, k))
+    for t in exclude_tensors:
+        wants.pop(t, None)
     if form.quantize_outputs:
         for n in g.node:
             if n.name not in qnodes:
@@ -172,11 +151,48 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
             cons = consumers.get(t, [])
             if len(cons) == 1 and cons[0][0].op_type in PASS_THROUGH_ACT:
                 t = cons[0][0].output[0]
-            if t in graph_outputs:
+            if t in graph_outputs or t in exclude_tensors:
                 continue
             for c in consumers.get(t, []):
                 if (c[0], c[1]) not in [(x[0], x[1]) for x in wants.get(t, [])]:
                     wants.setdefault(t, []).append(c)
+    return wants
+
+
+def quantized_tensors(model: Any, form_name: str) -> list[str]:
+    """The activation tensors the form puts a quantizer on (the ones calibration needs statistics for, and
+    the candidates the accuracy gate can keep in float), in graph order."""
+    form = FORMS[form_name]
+    m = ensure_node_names(_copy(model))
+    return list(_quantizer_sites(m, form, set(quantizable_nodes(m, form)), frozenset()))
+
+
+def _copy(model: Any) -> Any:
+    m = _onnx().ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, method: str,
+                   percentile: float = 99.99, exclude: frozenset[str] | set[str] = frozenset(),
+                   weight_overrides: dict[str, np.ndarray] | None = None,
+                   exclude_tensors: frozenset[str] | set[str] = frozenset()) -> Any:
+    """A Q/DQ copy of ``fp32`` in the given form. ``weight_overrides`` maps a weight initializer name to
+    its already-rounded INT8 values (learned rounding); scales stay the per-channel max rule. Nodes in
+    ``exclude`` stay float entirely; activation tensors in ``exclude_tensors`` get no quantizer (their
+    consumers read them in float), which is what the accuracy gate keeps in float."""
+    onnx = _onnx()
+    from onnx import TensorProto, helper, numpy_helper
+
+    form = FORMS[form_name]
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32)
+    ensure_node_names(model)
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    qnodes = set(quantizable_nodes(model, form)) - set(exclude)
+    wants = _quantizer_sites(model, form, qnodes, exclude_tensors)
 
     new_inits: list[Any] = []
     qdq_after: dict[str, list[Any]] = {}   # producer output -> nodes to emit right after it
@@ -203,7 +219,7 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
             continue
         wname = n.input[1]
         w = numpy_helper.to_array(inits[wname]).astype(np.float32)
-        axis = _weight_axis(n)
+        axis = weight_axis(n)
         if weight_overrides and wname in weight_overrides:
             wq = weight_overrides[wname]
             ws = weight_scales(w, axis)
@@ -277,7 +293,7 @@ def check_tensorrt_qdq(model: Any) -> list[str]:
             w = numpy_helper.to_array(inits[n.input[0]])
             axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
             user = consumers.get(n.output[0], [None])[0]
-            want_axis = _weight_axis(user) if user is not None else 0
+            want_axis = weight_axis(user) if user is not None else 0
             if scale.ndim != 1 or scale.shape[0] != w.shape[want_axis] or axis != want_axis:
                 problems.append(f"{n.name}: weights not per-channel on the output-channel axis "
                                 f"(scale shape {scale.shape}, axis {axis}, weight shape {w.shape})")

@@ -19,7 +19,7 @@ Range rules (per tensor):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -52,11 +52,19 @@ class TensorStats:
             self.pos = np.concatenate([self.pos.reshape(-1, 2).sum(1), np.zeros(self.bins // 2)])
             self.neg = np.concatenate([self.neg.reshape(-1, 2).sum(1), np.zeros(self.bins // 2)])
             self.hmax *= 2.0
+        # One signed bin index per value and one bincount: bins -B..-1 hold negative values (by magnitude),
+        # 0..B-1 positive ones, each bin [k, k+1) * hmax / B (a value at hmax goes to the last bin).
         # Exact zeros (most of a post-ReLU tensor) are left out of the histograms: every range
         # represents zero exactly, so they carry no rounding or clipping error, and a zero spike in the
         # first bin drags entropy calibration to tiny thresholds.
-        self.pos += np.histogram(x[x > 0], self.bins, (0.0, self.hmax))[0]
-        self.neg += np.histogram(-x[x < 0], self.bins, (0.0, self.hmax))[0]
+        b = self.bins
+        k = np.multiply(x, b / self.hmax, dtype=np.float32)
+        idx = np.floor(k, out=k).astype(np.int32)
+        np.clip(idx, -b, b - 1, out=idx)
+        counts = np.bincount(idx + b, minlength=2 * b).astype(np.float64)
+        counts[b] -= np.count_nonzero(x == 0)
+        self.pos += counts[b:]
+        self.neg += counts[b - 1::-1]
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}/minmax": np.array([self.min, self.max, self.hmax]), f"{prefix}/pos": self.pos,
@@ -161,33 +169,11 @@ def compute_range(st: TensorStats, method: str, symmetric: bool, percentile: flo
     return (max(st.min, -t), min(st.max, t))
 
 
-def probe_session(onnx_model: Any, tensor_names: Iterable[str], threads: int | None = None,
-                  optimize: bool = False) -> tuple[Any, str]:
-    """An onnxruntime CPU session of a copy of ``onnx_model`` with ``tensor_names`` added as outputs, and
-    its input name. ``optimize=False`` keeps the graph as exported, so no probed tensor is fused away."""
-    import onnx
-    import onnxruntime as ort
-
-    from tledge.runtimes.onnxruntime import session_options
-
-    m = onnx.ModelProto()
-    m.CopyFrom(onnx_model)
-    have = {o.name for o in m.graph.output}
-    for name in tensor_names:
-        if name not in have:
-            m.graph.output.append(onnx.ValueInfoProto(name=name))
-            have.add(name)
-    so = session_options(threads)
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess, sess.get_inputs()[0].name
-
-
 def collect(onnx_model: Any, tensor_names: list[str], batches: Iterable[np.ndarray], threads: int | None = None,
-            progress_task: Any = None) -> dict[str, TensorStats]:
+            progress_task: Callable[[int], Any] | None = None) -> dict[str, TensorStats]:
     """Run the FP32 graph over ``batches`` with ``tensor_names`` exposed as outputs and stream their
-    statistics."""
+    statistics (in a fixed order: the result does not depend on threads or timing)."""
+    from tledge.export.ort import probe_session
     sess, input_name = probe_session(onnx_model, tensor_names, threads)
     stats = {n: TensorStats() for n in tensor_names}
     for x in batches:

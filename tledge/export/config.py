@@ -1,0 +1,118 @@
+"""The export's options, nested by concern and validated in one place (``ExportConfig.validate``).
+
+Budgets count images, layers and iterations, never seconds, so the same options give the same graphs on
+a fast or slow, idle or busy machine.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tledge.errors import UsageError
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+FORM_NAMES = ("tensorrt", "cpu")
+BIAS_CORRECTION_MODES = ("auto", "analytic", "empirical", "off")
+ESCALATION_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    source: str = "auto"            # auto | train | a folder of images (never the val split)
+    count: int = 512                # at most this many calibration images
+    method: str = "auto"            # auto (closest to FP32 on held-out calibration images) | one of METHODS
+    percentile: float = 99.99
+    judge_images: int = 128         # calibration images held out of every fit; they judge candidates
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    forms: tuple[str, ...] = FORM_NAMES
+    cle: bool = True                    # cross-layer equalization (exact pairs only)
+    bias_correction: str = "auto"       # auto: analytic in the cheap plan, empirical tried when escalating
+    head_refit: bool = True             # re-fit the linear head on INT8 features of training images
+    refit_count: int = 2000             # training images for the head refit (stratified)
+    refit_distill: float = 0.0          # weight of distillation from FP32 logits (1 - it: labels)
+    adaround: bool = True               # learned weight rounding allowed in the expensive recipe
+    adaround_iters: int = 2000          # iterations per learned layer (AdaRound paper: ~10k at batch 32)
+    adaround_layers: int = 16           # at most this many layers learned, the costliest first
+    adaround_images: int = 64           # calibration images the rounding is learned on
+    empirical_sweeps: int = 2           # passes of empirical bias correction over the network
+    target_agreement: float = 0.97      # top-1 agreement with FP32 on the judge images that the cheap plan must
+                                        # reach; below it the expensive passes run (--escalate auto)
+    escalate: str = "auto"              # auto | on (always run the expensive passes) | off (never)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_drop: float = 1.0               # top-1 points on val against PyTorch
+    fallback: bool = True               # keep the most damaging quantizers in float to meet max_drop
+    max_fallback_fraction: float = 0.25
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    engine: str | None = None           # None | fp16 | int8 (explicit: fail without TensorRT)
+    auto_engine: bool = True            # build engines for the asked precisions when TensorRT is here
+    batch: tuple[int, int, int] = (1, 8, 32)
+    workspace_mib: int = 1024
+    dla_core: int | None = None
+    timing_cache: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    fp16: bool = False
+    int8: bool = False
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    quant: Int8Config = field(default_factory=Int8Config)
+    gate: GateConfig = field(default_factory=GateConfig)
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    opset: int = 17
+    simplify: bool = False
+    threads: int | None = None          # CPU threads for onnxruntime and torch (results do not depend on it)
+    fp32_tol: float = 1e-3
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> "ExportConfig":
+        """Refuse bad options before any work, each with the valid choices."""
+        c, q, g, e = self.calib, self.quant, self.gate, self.engine
+        for f in q.forms:
+            if f not in FORM_NAMES:
+                raise UsageError(f"unknown INT8 form '{f}'; choices: {', '.join(FORM_NAMES)}.",
+                                 "pass --form tensorrt or cpu.")
+        if c.method != "auto" and c.method not in METHODS:
+            raise UsageError(f"unknown calibration method '{c.method}'; choices: auto, {', '.join(METHODS)}.",
+                             "pass one of them to --method.")
+        if not 0 < c.percentile <= 100:
+            raise UsageError(f"--percentile {c.percentile} is not in (0, 100].", "pass e.g. 99.99.")
+        if c.count < 1 or c.judge_images < 1:
+            raise UsageError(f"--calib-count {c.count} / judge images {c.judge_images} must be at least 1.",
+                             "pass a positive number of images.")
+        if q.bias_correction not in BIAS_CORRECTION_MODES:
+            raise UsageError(f"unknown bias correction mode '{q.bias_correction}'; choices: "
+                             f"{', '.join(BIAS_CORRECTION_MODES)}.", "pass one of them to --bias-correction.")
+        if q.escalate not in ESCALATION_MODES:
+            raise UsageError(f"unknown --escalate mode '{q.escalate}'; choices: {', '.join(ESCALATION_MODES)}.",
+                             "pass one of them to --escalate.")
+        if not 0.0 <= q.refit_distill <= 1.0:
+            raise UsageError(f"--refit-distill {q.refit_distill} is not a weight between 0 and 1.",
+                             "pass 0 (labels only) to 1 (FP32 logits only).")
+        for name, v in (("--adaround-iters", q.adaround_iters), ("--adaround-layers", q.adaround_layers),
+                        ("adaround images", q.adaround_images), ("empirical sweeps", q.empirical_sweeps),
+                        ("--refit-count", q.refit_count)):
+            if v < 1:
+                raise UsageError(f"{name} {v} is not a positive count.",
+                                 "pass a positive number (budgets count iterations, layers and images).")
+        if not 0.0 < q.target_agreement <= 1.0:
+            raise UsageError(f"--target-agreement {q.target_agreement} is not in (0, 1].", "pass e.g. 0.97.")
+        if g.max_drop < 0 or not 0 < g.max_fallback_fraction <= 1:
+            raise UsageError(f"--max-drop {g.max_drop} must be >= 0 and the fallback fraction in (0, 1].",
+                             "pass e.g. --max-drop 1.0.")
+        if e.engine not in (None, "fp16", "int8"):
+            raise UsageError(f"unknown engine precision '{e.engine}'; choices: fp16, int8.", "pass --engine fp16 or int8.")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads {self.threads} is not a positive count.", "pass e.g. --threads 2.")
+        return self

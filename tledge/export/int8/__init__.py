@@ -1,0 +1,84 @@
+"""INT8 export as a recorded plan of passes (see plan.py): calibration samples and statistics, the Q/DQ
+forms, the passes, the gate. ``build_int8`` is the one entry point the export pipeline calls."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tledge import card as card_mod
+from tledge.console import note
+from tledge.errors import AccuracyError
+from tledge.evalset import EvalSet
+from tledge.export import artefacts
+from tledge.export import onnx as onnx_io
+from tledge.export.config import ExportConfig
+from tledge.export.int8.context import Int8Context
+from tledge.export.int8.gate import gate
+from tledge.export.int8.plan import Plan
+from tledge.export.int8.quantize import check_tensorrt_qdq
+from tledge.export.int8.samples import calibration_samples, judge_split
+from tledge.fsutil import write_json
+
+
+def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, rep: Any, evalset: EvalSet,
+               ref: np.ndarray, plan: Plan | None = None) -> dict[str, Any]:
+    """Run the plan, gate each form on val, write the INT8 graphs and calib/calibration.json. Returns the
+    manifest's ``int8`` section: the plan, every pass record, per form the kept recipe and the gate."""
+    plan = plan or Plan.default()
+    pre = card_mod.preprocess_of(card)
+    samples, where = calibration_samples(card, cfg.calib, rep.val)
+    note(f"calibration: {len(samples)} images from {where}")
+    with EvalSet(samples, pre, label="calibration images") as calib:
+        x = np.array(calib.x)
+    judge_idx, fit_idx = judge_split(len(x), cfg.calib.judge_images)
+    ctx = Int8Context(cfg, base=fp32, judge=x[judge_idx], fit=x[fit_idx],
+                      calib_batches=[x[i:i + 32] for i in range(0, len(x), 32)], card=card,
+                      train_samples=list(rep.train), run=Path(run), calib_ids=[s.sha256 for s in samples])
+    ctx.set_reference()
+    note(f"calibration: {len(judge_idx)} images judge, {len(fit_idx)} are for fits")
+    section: dict[str, Any] = {"plan": plan.announce(cfg), "calibration_source": where,
+                               "judge_images": int(len(judge_idx)), "fit_images": int(len(fit_idx))}
+    section["graph"] = [r.to_dict() for r in plan.run_graph(ctx)]
+    section["forms"], section["gate"], files, ranges = {}, {}, {}, {}
+    try:
+        for form in cfg.quant.forms:
+            state, record = plan.run_form(form, ctx)
+            q, report = gate(ctx, state, evalset, ref)
+            if form == "tensorrt":
+                problems = check_tensorrt_qdq(q)
+                if problems:
+                    raise AccuracyError(f"internal error: the TensorRT-form graph is not valid explicit "
+                                        f"quantization: {problems[:3]}", "report this bug.")
+            calib_key = next(r for r in section["graph"] if r["name"] == "calibrate")["details"]["key"]
+            onnx_io.set_metadata(q, {**onnx_io.metadata(card), "tledge.precision": f"int8-{form}",
+                                     "tledge.calibration": calib_key})
+            p = Path(run) / artefacts.int8_file(form)
+            onnx_io.save_model(q, p)
+            files[form] = onnx_io.file_info([p])
+            section["forms"][form] = record
+            section["gate"][form] = report
+            ranges[form] = qdq_ranges(q)
+    finally:
+        if "train" in ctx.cache:
+            ctx.cache["train"].close()
+    calib_rec = next(r for r in section["graph"] if r["name"] == "calibrate")["details"]
+    write_json(Path(run) / artefacts.CALIBRATION, {"key": calib_rec["key"], "source": where, "images": len(samples),
+                                                   "percentile": cfg.calib.percentile, "forms": ranges})
+    section["calibration"] = {**calib_rec, "source": where}
+    section["files"] = files
+    return section
+
+
+def qdq_ranges(q: Any) -> dict[str, dict[str, float]]:
+    """Scale and zero-point of every activation quantizer of ``q``."""
+    from onnx import numpy_helper
+    inits = {i.name: i for i in q.graph.initializer}
+    out = {}
+    for n in q.graph.node:
+        if n.op_type == "QuantizeLinear":
+            s = float(numpy_helper.to_array(inits[n.input[1]]))
+            z = int(numpy_helper.to_array(inits[n.input[2]]))
+            out[n.input[0]] = {"scale": s, "zero_point": z}
+    return out

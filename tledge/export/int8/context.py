@@ -1,0 +1,106 @@
+"""The INT8 context and per-form state that every pass reads and writes.
+
+``Int8Context`` owns what all passes share: the FP32 graph the forms start from (``base``, set by the
+graph-wide passes), the calibration statistics, the judge images (calibration images held out of every
+fit) with their FP32 logits, the fit images, and one ``mse()``/``score()`` that every decision uses.
+``FormState`` is one form's recipe: its FP32 graph (bias-corrected, head re-fitted), range method, weight
+rounding and quantizers kept in float; ``quantized()`` turns it into the Q/DQ graph.
+
+Determinism: decisions depend on images, counts and fixed seeds only. torch work runs on one thread
+(``torch_threads``): its reductions then have one order whatever ``--threads`` says.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from tledge.export import ort
+from tledge.export.config import ExportConfig
+from tledge.export.int8.calibrate import TensorStats
+from tledge.export.int8.quantize import quantize_model
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """Run torch on ``n`` threads inside the block: a fixed reduction order, so learned values do not
+    depend on the machine's core count or the user's --threads."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class FormState:
+    """One INT8 form's recipe, built up pass by pass."""
+
+    form: str
+    model: Any                                   # FP32 graph for this form (bias correction, head refit applied)
+    method: str = "minmax"                       # activation range rule
+    rounding: dict[str, np.ndarray] = field(default_factory=dict)   # learned weight rounding (empty: nearest)
+    rounding_name: str = "nearest"
+    float_tensors: tuple[str, ...] = ()          # activation quantizers the gate removed
+
+    def copy(self, **changes: Any) -> "FormState":
+        d = {**self.__dict__, **changes}
+        return FormState(**d)
+
+
+@dataclass
+class Int8Context:
+    cfg: ExportConfig
+    base: Any                                    # FP32 graph the forms start from
+    judge: np.ndarray                            # held-out calibration images: they only judge candidates
+    fit: np.ndarray                              # calibration images fits learn on (disjoint from judge)
+    calib_batches: list[np.ndarray]              # every calibration image, in fixed batches (statistics)
+    card: dict[str, Any]
+    train_samples: list[Any]                     # the training split (head refit), never val
+    run: Any = None                              # the run directory (statistics cache under run/calib)
+    calib_ids: list[str] = field(default_factory=list)    # SHA-256 of each calibration image (cache key)
+    stats: dict[str, TensorStats] | None = None
+    judge_ref: np.ndarray | None = None          # FP32 logits of ``base`` on the judge images
+    cache: dict[str, Any] = field(default_factory=dict)   # results shared across forms (learned rounding ...)
+
+    @property
+    def threads(self) -> int | None:
+        return self.cfg.threads
+
+    def judge_batches(self, size: int = 32) -> list[np.ndarray]:
+        return [np.ascontiguousarray(self.judge[i:i + size]) for i in range(0, len(self.judge), size)]
+
+    def logits(self, model: Any, x: np.ndarray | None = None) -> np.ndarray:
+        batches = self.judge_batches() if x is None else [np.ascontiguousarray(x[i:i + 32])
+                                                          for i in range(0, len(x), 32)]
+        return ort.logits(model, batches, self.threads)
+
+    def set_reference(self) -> None:
+        self.judge_ref = self.logits(self.base)
+
+    def quantize(self, state: FormState, **changes: Any) -> Any:
+        s = state.copy(**changes) if changes else state
+        if self.stats is None:
+            raise RuntimeError("calibration statistics are needed before quantizing")
+        return quantize_model(s.model, self.stats, s.form, s.method, self.cfg.calib.percentile,
+                              weight_overrides=s.rounding or None, exclude_tensors=set(s.float_tensors))
+
+    def score(self, model: Any) -> dict[str, float]:
+        """How far ``model``'s logits are from FP32 on the judge images: mean squared difference and top-1
+        agreement (the one measure every pass and the plan decide by)."""
+        z = self.logits(model)
+        ref = self.judge_ref
+        return {"mse": float(np.mean((z - ref) ** 2)), "agreement": float((z.argmax(1) == ref.argmax(1)).mean())}
+
+    def mse(self, model: Any) -> float:
+        return self.score(model)["mse"]
+
+    def fp32_diff(self, model: Any) -> tuple[float, bool]:
+        """Max |logit diff| of a transformed FP32 graph against ``base`` on the judge images, and whether it
+        is within float tolerance."""
+        d = float(np.abs(self.logits(model) - self.judge_ref).max())
+        return d, d <= 1e-4 * max(1.0, float(np.abs(self.judge_ref).max()))

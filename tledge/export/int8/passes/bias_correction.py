@@ -1,0 +1,235 @@
+"""Form pass: bias correction (Nagel et al. 2019, sec. 4.2).
+
+- analytic: the expected output shift that weight rounding causes, E[(W_q - W) x] = (W_q - W) E[x], is
+  subtracted from each Conv/Gemm bias; E[x] per input channel and position comes from the fit images
+  (one FP32 pass). Cheap: in the default plan.
+- empirical (as AIMET's ``correct_bias``, but in sweeps over the whole network instead of one network
+  run per layer): the per-channel mean difference between the INT8 network's layer outputs and the FP32
+  ones on the fit images is subtracted from every bias at once; the next sweep measures what is left.
+  It also removes the shift activation quantization causes. Measured only where values pass the
+  activation and the next quantizer unclipped (the error of clipped values is not a shift). Expensive:
+  tried when the plan escalates, and kept only if it beats analytic on the judge images.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from tledge.console import progress
+from tledge.export.config import ExportConfig
+from tledge.export.graph import attr, consumers_of, copy_model, weighted_nodes
+from tledge.export.int8.context import FormState, Int8Context, torch_threads
+from tledge.export.int8.plan import PassRecord
+from tledge.export.int8.quantize import per_channel, quantize_weight, weight_axis
+from tledge.export.int8.select import best_of, fmt_scores
+from tledge.export.ort import probe_session
+
+
+def channel_means(model: Any, batches: Iterable[np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
+    """Mean of every Conv/Gemm input over the images, per channel and position (C, H, W), so the
+    correction also holds at borders, where the kernel sees padding (one FP32 pass)."""
+    names = sorted({n.input[0] for n in weighted_nodes(model)})
+    sess, inp = probe_session(model, names, threads)
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for x in batches:
+        for n, v in zip(names, sess.run(names, {inp: x})):
+            sums[n] = sums.get(n, 0) + v.sum(axis=0).astype(np.float64)
+        count += len(x)
+    return {n: s / max(count, 1) for n, s in sums.items()}
+
+
+def bias_correct(model: Any, means: dict[str, np.ndarray], weight_overrides: dict[str, np.ndarray] | None = None,
+                 ) -> tuple[Any, dict[str, Any]]:
+    """Subtract (W_q - W) E[x] from every Conv/Gemm bias (W_q: nearest rounding, or the learned one)."""
+    import torch
+    import torch.nn.functional as F
+    from onnx import numpy_helper
+
+    m = copy_model(model)
+    inits = {i.name: i for i in m.graph.initializer}
+    shifts = []
+    with torch_threads(1):
+        for n in weighted_nodes(m):
+            if n.input[0] not in means:
+                continue
+            w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+            axis = weight_axis(n)
+            q, s = quantize_weight(w, axis)
+            if weight_overrides and n.input[1] in weight_overrides:
+                q = weight_overrides[n.input[1]]
+            dw = q.astype(np.float64) * per_channel(s, w.ndim, axis) - w.astype(np.float64)
+            mu = means[n.input[0]]
+            if n.op_type == "Gemm":
+                delta = (dw.T if axis == 1 else dw) @ mu
+            else:
+                # E[conv(x, dW)] = conv(E[x], dW) by linearity, averaged over output positions
+                pads = attr(n, "pads", [0, 0, 0, 0])
+                x = F.pad(torch.from_numpy(mu[None]), (pads[1], pads[3], pads[0], pads[2]))
+                y = F.conv2d(x, torch.from_numpy(dw), None, attr(n, "strides", [1, 1]), 0, attr(n, "dilations", [1, 1]),
+                             attr(n, "group", 1))
+                delta = y.mean(dim=(0, 2, 3)).numpy()
+            b = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64) - delta
+            inits[n.input[2]].CopyFrom(numpy_helper.from_array(b.astype(np.float32), n.input[2]))
+            shifts.append(float(np.abs(delta).mean()))
+    return m, {"layers": len(shifts), "mean_abs_shift": float(np.mean(shifts)) if shifts else 0.0}
+
+
+def linear_region(model: Any, q: Any, t: str) -> tuple[float, float]:
+    """The interval of layer output ``t`` in which the INT8 network passes it on unchanged: inside its
+    activation's linear part (ReLU, Clip) and inside the range of the Q/DQ that follows (in ``q``)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in list(model.graph.initializer) + list(q.graph.initializer)}
+    consumers = consumers_of(model)
+    lo, hi, post = -np.inf, np.inf, t
+    cons = consumers.get(t, [])
+    if len(cons) == 1 and cons[0].op_type in ("Relu", "Clip"):
+        act = cons[0]
+        lo = 0.0 if act.op_type == "Relu" else -np.inf
+        if act.op_type == "Clip":
+            if len(act.input) > 1 and act.input[1] in inits:
+                lo = float(inits[act.input[1]])
+            if len(act.input) > 2 and act.input[2] in inits:
+                hi = float(inits[act.input[2]])
+        post = act.output[0]
+    for n in q.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] == post:
+            scale, zp = float(inits[n.input[1]]), inits[n.input[2]]
+            qmin, qmax = (-128, 127) if zp.dtype == np.int8 else (0, 255)
+            lo = max(lo, (qmin - float(zp)) * scale)
+            hi = min(hi, (qmax - float(zp)) * scale)
+            break
+    return lo, hi
+
+
+def masked_shifts(qs: Any, fs: Any, inp: str, outs: list[str], regions: dict[str, tuple[float, float]],
+                  batches: list[np.ndarray], feeds: dict[str, np.ndarray] | None = None, min_count: int = 16,
+                  advance: Callable[[int], Any] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For every layer output in ``outs`` at once (one run of each network per batch): the per-channel
+    mean of (INT8 - FP32) where the FP32 value lies in its region; channels with fewer than ``min_count``
+    such values get 0. Returns {output: (shift, channel has enough values)}."""
+    sums: dict[str, Any] = {t: 0 for t in outs}
+    cnts: dict[str, Any] = {t: 0 for t in outs}
+    for x in batches:
+        yqs = qs.run(outs, {inp: x, **(feeds or {})})
+        yfs = fs.run(outs, {inp: x})
+        for t, yq, yf in zip(outs, yqs, yfs):
+            lo, hi = regions[t]
+            mask = (yf > lo) & (yf < hi)
+            axes = tuple(i for i in range(yf.ndim) if i != 1)
+            sums[t] = sums[t] + np.where(mask, yq - yf, 0).astype(np.float64).sum(axis=axes)
+            cnts[t] = cnts[t] + mask.sum(axis=axes)
+        if advance is not None:
+            advance(len(x))
+    out = {}
+    for t in outs:
+        ok = np.asarray(cnts[t]) >= min_count
+        out[t] = (np.where(ok, sums[t] / np.maximum(cnts[t], 1), 0.0), ok)
+    return out
+
+
+def layer_shifts(fp32: Any, q: Any, batches: list[np.ndarray], threads: int | None = None) -> dict[str, float]:
+    """Mean |per-channel output shift| of every Conv/Gemm of the quantized ``q`` against ``fp32``, measured
+    as empirical bias correction measures it (what it removes)."""
+    outs = [n.output[0] for n in weighted_nodes(fp32)]
+    qs, inp = probe_session(q, outs, threads)
+    fs, _ = probe_session(fp32, outs, threads)
+    regions = {t: linear_region(fp32, q, t) for t in outs}
+    return {t: float(np.abs(d).mean()) for t, (d, _) in masked_shifts(qs, fs, inp, outs, regions, batches).items()}
+
+
+def empirical_bias_correct(model: Any, quantize: Callable[[Any], Any], batches: list[np.ndarray],
+                           threads: int | None = None, sweeps: int = 2, min_count: int = 16,
+                           ) -> tuple[Any, dict[str, Any]]:
+    """Empirical bias correction in ``sweeps`` passes over the network: each sweep runs the INT8 network
+    (``quantize(model)`` with the corrections so far, fed as graph inputs added to each layer's output)
+    and the FP32 one over ``batches`` and subtracts every layer's masked mean shift from its correction
+    at once. Later sweeps correct what the upstream corrections changed downstream."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    shapes = {n.output[0]: [1, numpy_helper.to_array(inits[n.input[2]]).shape[0]] + ([1, 1] if n.op_type == "Conv" else [])
+              for n in weighted_nodes(model)}
+    outs = list(shapes)
+    q = quantize(model)
+    regions = {t: linear_region(model, q, t) for t in outs}
+    nodes_out = []
+    for n in q.graph.node:  # layer output t becomes t__raw + t__corr, a graph input fed the correction so far
+        nodes_out.append(n)
+        t = n.output[0] if n.output else None
+        if t in shapes:
+            n.output[0] = f"{t}__raw"
+            nodes_out.append(helper.make_node("Add", [f"{t}__raw", f"{t}__corr"], [t], name=f"{t}__corr_add"))
+            q.graph.input.append(helper.make_tensor_value_info(f"{t}__corr", TensorProto.FLOAT, shapes[t]))
+    del q.graph.node[:]
+    q.graph.node.extend(nodes_out)
+    qs, inp = probe_session(q, outs, threads)
+    fs, _ = probe_session(model, outs, threads)
+    corr = {t: np.zeros(shapes[t], np.float32) for t in outs}
+    residual, used = [], 0.0
+    n_img = sum(len(b) for b in batches)
+    with progress() as prog:
+        task = prog.add_task("empirical bias correction", total=sweeps * n_img, info="")
+        for _ in range(sweeps):
+            feeds = {f"{k}__corr": v for k, v in corr.items()}
+            shifts = masked_shifts(qs, fs, inp, outs, regions, batches, feeds, min_count,
+                                   lambda k: prog.advance(task, k))
+            residual.append(float(np.mean([np.abs(d).mean() for d, _ in shifts.values()])))
+            used = float(np.mean([ok.mean() for _, ok in shifts.values()]))
+            for t, (d, _) in shifts.items():
+                corr[t] = (corr[t] - d.reshape(shapes[t])).astype(np.float32)
+    m = copy_model(model)
+    minits = {i.name: i for i in m.graph.initializer}
+    for n in weighted_nodes(m):
+        b = numpy_helper.to_array(minits[n.input[2]]).astype(np.float64) + corr[n.output[0]].reshape(-1)
+        minits[n.input[2]].CopyFrom(numpy_helper.from_array(b.astype(np.float32), n.input[2]))
+    return m, {"layers": len(outs), "sweeps": sweeps, "mean_abs_shift_per_sweep": residual,
+               "channels_corrected": used, "images": n_img}
+
+
+class BiasCorrection:
+    """Analytic in the cheap recipe; with --bias-correction auto the escalated recipe keeps analytic or
+    empirical, whichever is closer to FP32 on the judge images."""
+
+    def __init__(self, escalated: bool) -> None:
+        self.escalated = escalated
+        self.name = "bias_correction"
+
+    def enabled(self, cfg: ExportConfig) -> tuple[bool, str]:
+        mode = cfg.quant.bias_correction
+        if mode == "off":
+            return False, "--bias-correction off"
+        if mode == "auto":
+            return True, ("analytic or empirical, the closer to FP32 on the judge images" if self.escalated
+                          else "analytic (cheap)")
+        return True, f"--bias-correction {mode}"
+
+    def _analytic(self, state: FormState, ctx: Int8Context) -> tuple[Any, dict[str, Any]]:
+        if "means" not in ctx.cache:
+            ctx.cache["means"] = channel_means(ctx.base, [ctx.fit[i:i + 16] for i in range(0, len(ctx.fit), 16)],
+                                               ctx.threads)
+        return bias_correct(state.model, ctx.cache["means"], state.rounding or None)
+
+    def _empirical(self, state: FormState, ctx: Int8Context) -> tuple[Any, dict[str, Any]]:
+        batches = [np.ascontiguousarray(ctx.fit[i:i + 32]) for i in range(0, min(len(ctx.fit), 64), 32)]
+        return empirical_bias_correct(state.model, lambda m: ctx.quantize(state, model=m), batches, ctx.threads,
+                                      ctx.cfg.quant.empirical_sweeps)
+
+    def run(self, state: FormState, ctx: Int8Context) -> PassRecord:
+        mode = ctx.cfg.quant.bias_correction
+        modes = ("analytic", "empirical") if (mode == "auto" and self.escalated) else \
+            ("analytic",) if mode == "auto" else (mode,)
+        cands, details = {}, {}
+        for m in modes:
+            cands[m], details[m] = (self._analytic if m == "analytic" else self._empirical)(state, ctx)
+        if len(cands) == 1:
+            (m, model), = cands.items()
+            state.model = model
+            return PassRecord(self.name, state.form, m, details=details)
+        best, model, scores = best_of(ctx, cands, lambda mdl: ctx.quantize(state, model=mdl),
+                                      f"bias correction ({state.form})")
+        state.model = model
+        return PassRecord(self.name, state.form, best, "closer to FP32 on the judge images: " + fmt_scores(scores),
+                          scores=scores, details=details)

@@ -1,0 +1,140 @@
+"""The INT8 plan: passes with one small interface, sequenced, printed and recorded pass by pass.
+
+A pass has a ``name``, says whether the options enable it (``enabled(cfg) -> (bool, why)``) and runs:
+graph-wide passes on the context (``run(ctx) -> PassRecord``: the FP32 graph both forms start from, the
+statistics), per-form passes on a ``FormState`` (``run(state, ctx) -> PassRecord``).
+
+The default plan is cheap: ranges, analytic bias correction and the head refit. Only when that misses
+``--target-agreement`` (top-1 agreement with FP32 on the judge images, calibration images no fit saw) do
+the expensive passes run (learned rounding, empirical bias correction), as a second candidate recipe;
+the one closer to FP32 on the judge images is kept, and the record says why each ran. (AIMET's
+AutoQuant applies its techniques against an accuracy goal in the same way.)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from tledge.console import note
+from tledge.export.config import ExportConfig
+from tledge.export.int8.context import FormState, Int8Context
+from tledge.export.int8.select import best_of, fmt_scores
+
+
+@dataclass
+class PassRecord:
+    name: str
+    scope: str                                   # "graph" or the form
+    decision: str                                # what the pass did or chose, one line
+    why: str = ""
+    scores: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0                         # for the record only: no decision ever reads it
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class GraphPass(Protocol):
+    name: str
+
+    def enabled(self, cfg: ExportConfig) -> tuple[bool, str]: ...
+    def run(self, ctx: Int8Context) -> PassRecord: ...
+
+
+class FormPass(Protocol):
+    name: str
+
+    def enabled(self, cfg: ExportConfig) -> tuple[bool, str]: ...
+    def run(self, state: FormState, ctx: Int8Context) -> PassRecord: ...
+
+
+def _timed(fn: Any, *args: Any) -> PassRecord:
+    t0 = time.perf_counter()
+    rec = fn(*args)
+    rec.seconds = round(time.perf_counter() - t0, 3)
+    note(f"  [{rec.scope}] {rec.name}: {rec.decision}" + (f" ({rec.why})" if rec.why else "")
+         + f" [{rec.seconds:.1f} s]")
+    return rec
+
+
+@dataclass
+class Plan:
+    graph: list[GraphPass]
+    cheap: list[FormPass]
+    expensive: list[FormPass]
+
+    @classmethod
+    def default(cls) -> "Plan":
+        from tledge.export.int8 import passes as p
+        return cls(graph=[p.FoldShapes(), p.Equalize(), p.Calibrate()],
+                   cheap=[p.Ranges(), p.BiasCorrection(escalated=False), p.HeadRefit()],
+                   expensive=[p.LearnedRounding(), p.BiasCorrection(escalated=True), p.HeadRefit()])
+
+    def describe(self, cfg: ExportConfig) -> dict[str, list[dict[str, Any]]]:
+        """Every pass of the plan, whether the options enable it and why (printed before the work)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for stage, passes in (("graph", self.graph), ("cheap", self.cheap), ("expensive", self.expensive)):
+            out[stage] = [{"pass": p.name, "enabled": p.enabled(cfg)[0], "why": p.enabled(cfg)[1]} for p in passes]
+        q = cfg.quant
+        out["escalation"] = [{"mode": q.escalate, "target_agreement": q.target_agreement,
+                              "judge_images": cfg.calib.judge_images}]
+        return out
+
+    def announce(self, cfg: ExportConfig) -> dict[str, Any]:
+        d = self.describe(cfg)
+        for stage in ("graph", "cheap", "expensive"):
+            parts = [p["pass"] + ("" if p["enabled"] else " (off)") for p in d[stage]]
+            note(f"INT8 plan, {stage}: " + " -> ".join(parts))
+        q = cfg.quant
+        when = {"auto": f"when a form's cheap recipe agrees with FP32 on < {q.target_agreement:.0%} of the judge "
+                        "images", "on": "always (--escalate on)", "off": "never (--escalate off)"}[q.escalate]
+        note(f"INT8 plan: expensive passes run {when}")
+        return d
+
+    def run_graph(self, ctx: Int8Context) -> list[PassRecord]:
+        recs = []
+        for p in self.graph:
+            on, why = p.enabled(ctx.cfg)
+            recs.append(_timed(p.run, ctx) if on else PassRecord(p.name, "graph", "skipped", why))
+        return recs
+
+    def _run_form_passes(self, passes: list[FormPass], state: FormState, ctx: Int8Context) -> list[PassRecord]:
+        recs = []
+        for p in passes:
+            on, why = p.enabled(ctx.cfg)
+            recs.append(_timed(p.run, state, ctx) if on else PassRecord(p.name, state.form, "skipped", why))
+        return recs
+
+    def run_form(self, form: str, ctx: Int8Context) -> tuple[FormState, dict[str, Any]]:
+        """The cheap recipe, the check against the target, and (when it misses) the expensive recipe;
+        returns the kept recipe and the record."""
+        q = ctx.cfg.quant
+        cheap = FormState(form, ctx.base)
+        record: dict[str, Any] = {"cheap": [r.to_dict() for r in self._run_form_passes(self.cheap, cheap, ctx)]}
+        score = ctx.score(ctx.quantize(cheap))
+        expensive_on = [p.name for p in self.expensive if p.enabled(ctx.cfg)[0] and p.name != "head_refit"]
+        if q.escalate == "off":
+            run, why = False, "--escalate off"
+        elif not expensive_on:
+            run, why = False, "no expensive pass is enabled"
+        elif q.escalate == "on":
+            run, why = True, "--escalate on"
+        elif score["agreement"] < q.target_agreement:
+            run, why = True, (f"cheap recipe agrees with FP32 on {score['agreement']:.1%} of the judge images, "
+                              f"below the {q.target_agreement:.0%} target")
+        else:
+            run, why = False, (f"cheap recipe agrees with FP32 on {score['agreement']:.1%} of the judge images, "
+                               f"target {q.target_agreement:.0%} met")
+        record["check"] = {**score, "escalate": run, "why": why}
+        note(f"INT8 {form}: expensive passes {'run' if run else 'not run'}: {why}")
+        if not run:
+            record["kept"] = "cheap"
+            return cheap, record
+        exp = FormState(form, ctx.base, method=cheap.method)
+        record["expensive"] = [r.to_dict() for r in self._run_form_passes(self.expensive, exp, ctx)]
+        name, kept, scores = best_of(ctx, {"cheap": cheap, "expensive": exp}, ctx.quantize, f"judge recipes ({form})")
+        record.update(kept=name, scores=scores)
+        note(f"INT8 {form}: {name} recipe kept (logit MSE, agreement on judge images: {fmt_scores(scores)})")
+        return kept, record
