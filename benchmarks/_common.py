@@ -1,7 +1,10 @@
 """Helpers shared by the benchmark scripts: child processes with their own peak memory, tables, JSON."""
 from __future__ import annotations
 
+import gzip
 import json
+import shutil
+import struct
 import os
 import platform
 import subprocess
@@ -9,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -68,3 +73,27 @@ def save(name: str, payload: dict[str, Any]) -> Path:
 
 
 PY = sys.executable
+
+CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    data = gzip.open(path, "rb").read()
+    ndim = struct.unpack(">I", data[:4])[0] & 0xFF
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def make_testset(dest: Path) -> Path:
+    """The 10,000 test images as an ImageFolder ``val`` split (``train`` is a copy of the embedded one, so
+    the folder scans like any dataset; only its val split is used)."""
+    from PIL import Image
+    x = read_idx(ROOT / "benchmarks/data/t10k-images-idx3-ubyte.gz")
+    y = read_idx(ROOT / "benchmarks/data/t10k-labels-idx1-ubyte.gz")
+    shutil.copytree(ROOT / "data/fashion-mnist/train", dest / "train")
+    for c, name in enumerate(CLASSES):
+        (dest / "val" / name).mkdir(parents=True)
+    for i in range(len(y)):
+        Image.fromarray(x[i], "L").save(dest / "val" / CLASSES[y[i]] / f"test_{i:05d}.png")
+    return dest
+

@@ -155,7 +155,7 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @click.option("--escalate", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="INT8: run the expensive passes (learned rounding, empirical bias correction) when the cheap "
                    "recipe misses --target-agreement (auto), always (on) or never (off).")
-@click.option("--target-agreement", type=click.FloatRange(0, 1, min_open=True), default=0.97, show_default=True,
+@click.option("--target-agreement", type=click.FloatRange(0, 1, min_open=True), default=0.96, show_default=True,
               help="INT8: top-1 agreement with FP32 on held-out calibration images the cheap recipe must reach.")
 @click.option("--adaround/--no-adaround", default=True, show_default=True,
               help="INT8: allow learned weight rounding (AdaRound) in the expensive passes.")

@@ -14,15 +14,15 @@ from PIL import Image
 from tledge.bench.report import compare_table, write_all
 from tledge.bench.run import BenchConfig, run_bench
 from tledge.cli import main
-from tledge.export.pipeline import ExportConfig, run_export
+from tledge.export.pipeline import run_export
 from tledge.runtimes import available_runners, get_runner
-from tests.conftest import copy_run
+from tests.conftest import export_cfg, copy_run
 
 
 @pytest.fixture(scope="module")
 def exported(default_run_64: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = copy_run(default_run_64, tmp_path_factory.mktemp("bench") / "run")
-    run_export(run, ExportConfig(int8=True, fp16=True, max_drop=100.0, threads=2, adaround=False))
+    run_export(run, export_cfg(fp16=True))
     return run
 
 

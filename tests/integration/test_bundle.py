@@ -17,14 +17,14 @@ from tledge.deploy.bundle import make_bundle
 from tledge.deploy.tledge_runtime import bundle_io
 from tledge.deploy.tledge_runtime.__main__ import engine_dir, engine_path, engine_status
 from tledge.errors import RunDirError
-from tledge.export.pipeline import ExportConfig, run_export
-from tests.conftest import FASHION, copy_run
+from tledge.export.pipeline import run_export
+from tests.conftest import export_cfg, FASHION, copy_run
 
 
 @pytest.fixture(scope="module")
 def bundled(default_run_64: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     run = copy_run(default_run_64, tmp_path_factory.mktemp("bundle") / "run")
-    run_export(run, ExportConfig(int8=True, fp16=True, max_drop=100.0, threads=2, adaround=False))
+    run_export(run, export_cfg(fp16=True))
     res = make_bundle(run)
     return run, Path(res["folder"])
 

@@ -11,14 +11,18 @@ import pytest
 import torch
 
 from tledge import card as card_mod
-from tledge.export.int8 import calibrate as cal
-from tledge.export import improve
 from tledge.export import onnx as onnx_io
-from tledge.export.pipeline import ExportConfig, _ort_logits, run_export
+from tledge.export import ort
+from tledge.export.graph import weighted_nodes
+from tledge.export.int8 import calibrate as cal
+from tledge.export.int8.passes import adaround as ada_mod
+from tledge.export.int8.passes import bias_correction as bc_mod
+from tledge.export.int8.passes import cle
+from tledge.export.pipeline import run_export
 from tledge.export.int8.quantize import activation_tensors, check_tensorrt_qdq, quantize_model
 from tledge.fsutil import read_json
 from tledge.model import build_classifier, load_classifier
-from tests.conftest import ROOT, copy_run
+from tests.conftest import ROOT, copy_run, export_cfg
 from tests.unit.test_export_onnx import fake_card
 
 
@@ -33,13 +37,13 @@ def test_equalization_keeps_fp32_outputs_and_equalizes_ranges(tmp_path: Path) ->
     model = build_classifier(card).eval()
     onnx_io.export(model, card, tmp_path / "m.onnx")
     fp32 = onnx.load(str(tmp_path / "m.onnx"))
-    eq, info = improve.equalize(fp32)
+    eq, info = cle.equalize(fp32)
     assert info["pairs"] >= 8  # conv-ReLU-conv inside every basic block
     x = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
-    a, b = _ort_logits(fp32, [x], 1), _ort_logits(eq, [x], 1)
+    a, b = ort.logits(fp32, [x], 1), ort.logits(eq, [x], 1)
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
     # ranges of the first pair's shared channels are now equal (sqrt rule)
-    a_node, b_node, _ = improve.equalizable_pairs(eq)[0]
+    a_node, b_node, _ = cle.equalizable_pairs(eq)[0]
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in eq.graph.initializer}
     r1 = np.abs(inits[a_node.input[1]]).reshape(inits[a_node.input[1]].shape[0], -1).max(1)
     w2 = inits[b_node.input[1]]
@@ -50,7 +54,7 @@ def test_equalization_keeps_fp32_outputs_and_equalizes_ranges(tmp_path: Path) ->
 def test_equalization_skips_relu6_pairs(default_run_64: Path, tmp_path: Path) -> None:
     run = copy_run(default_run_64, tmp_path / "run")
     onnx_io.export(load_classifier(run), card_mod.read(run), run / "model.onnx")
-    _, info = improve.equalize(onnx.load(str(run / "model.onnx")))
+    _, info = cle.equalize(onnx.load(str(run / "model.onnx")))
     assert info["skipped_relu6_pairs"] > 20 and info["pairs"] < 5  # mobilenet_v2: ReLU6 almost everywhere
 
 
@@ -67,10 +71,10 @@ def test_bias_correction_removes_each_layers_mean_output_error(default_run_64: P
     onnx_io.export(load_classifier(run), card, run / "model.onnx")
     fp32 = onnx.load(str(run / "model.onnx"))
     x = _calib(card_mod.preprocess_of(card))
-    bc, info = improve.bias_correct(fp32, improve.channel_means(fp32, [x]))
+    bc, info = bc_mod.bias_correct(fp32, bc_mod.channel_means(fp32, [x]))
     assert info["layers"] == 53
-    nodes = improve.weighted_nodes(fp32)
-    io = improve.layer_io(fp32, nodes, [x])
+    nodes = weighted_nodes(fp32)
+    io = ada_mod.layer_io(fp32, nodes, [x])
     old = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
     new = {i.name: numpy_helper.to_array(i) for i in bc.graph.initializer}
     before = after = 0.0
@@ -115,19 +119,18 @@ def test_empirical_bias_correction_removes_the_int8_networks_mean_shift(default_
     def quantize(m):
         return quantize_model(m, stats, form, "mse")
 
-    corrected, info = improve.empirical_bias_correct(fp32, quantize, batches)
+    corrected, info = bc_mod.empirical_bias_correct(fp32, quantize, batches)
     assert info["layers"] == 53 and info["mean_abs_shift"] > 0
-    before = improve.layer_shifts(fp32, quantize(fp32), batches)
-    after = improve.layer_shifts(fp32, quantize(corrected), batches)
+    before = bc_mod.layer_shifts(fp32, quantize(fp32), batches)
+    after = bc_mod.layer_shifts(fp32, quantize(corrected), batches)
     assert np.mean(list(after.values())) < 0.3 * np.mean(list(before.values()))
-    ref = _ort_logits(fp32, batches, 1)
-    shift_before = np.abs((_ort_logits(quantize(fp32), batches, 1) - ref).mean(0)).mean()
-    shift_after = np.abs((_ort_logits(quantize(corrected), batches, 1) - ref).mean(0)).mean()
-    # logits through onnxruntime's fused integer kernels (the correction was fitted on the Q/DQ graph as written)
+    ref = ort.logits(fp32, batches, 1)
+    shift_before = np.abs((ort.logits(quantize(fp32), batches, 1) - ref).mean(0)).mean()
+    shift_after = np.abs((ort.logits(quantize(corrected), batches, 1) - ref).mean(0)).mean()
     assert shift_after < 0.5 * shift_before
     # the FP32 network itself only changed in its biases
     names = {i.name for i in fp32.graph.initializer if i.name not in
-             {n.input[2] for n in improve.weighted_nodes(fp32)}}
+             {n.input[2] for n in weighted_nodes(fp32)}}
     a = {i.name: onnx.numpy_helper.to_array(i) for i in fp32.graph.initializer if i.name in names}
     b = {i.name: onnx.numpy_helper.to_array(i) for i in corrected.graph.initializer if i.name in names}
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -143,8 +146,9 @@ def _small_mobilenet(tmp_path: Path) -> tuple[onnx.ModelProto, np.ndarray]:
 
 def test_learned_rounding_lowers_reconstruction_error(tmp_path: Path) -> None:
     fp32, x = _small_mobilenet(tmp_path)
-    overrides, info = improve.adaround(fp32, [x[:8], x[8:]], budget_s=5.0, min_iters=30, max_iters=60)
+    overrides, info = ada_mod.adaround(fp32, [x[:8], x[8:]], iters=60)
     assert info["recon_error_learned"] < info["recon_error_nearest"] and info["improved"] > 0
+    assert all(r["iters"] == 60 for r in info["per_layer"])  # the budget is iterations, not seconds
     assert all(v.dtype == np.int8 for v in overrides.values())
     stats = cal.collect(fp32, activation_tensors(fp32), [x])
     q = quantize_model(fp32, stats, "tensorrt", "mse", weight_overrides=overrides)
@@ -153,49 +157,84 @@ def test_learned_rounding_lowers_reconstruction_error(tmp_path: Path) -> None:
     name, want = next(iter(overrides.items()))
     got = next(v for k, v in stored.items() if k.startswith(name + "__") and k.endswith("__q"))
     np.testing.assert_array_equal(got, want)
+    # the same inputs give the same rounding, whatever torch's thread count outside
+    torch.set_num_threads(1)
+    again, _ = ada_mod.adaround(fp32, [x[:8], x[8:]], iters=60)
+    torch.set_num_threads(2)
+    assert again.keys() == overrides.keys() and all(np.array_equal(again[k], overrides[k]) for k in again)
 
 
-def test_learned_rounding_goes_where_rounding_costs_within_budget(tmp_path: Path) -> None:
+def test_conv_windows_reproduce_the_full_convolution(tmp_path: Path) -> None:
+    """Learning on output windows: the padded input window through the unpadded conv gives exactly the
+    full convolution's outputs in that window, for strided, depthwise and padded layers."""
+    fp32, x = _small_mobilenet(tmp_path)
+    inits = {i.name: i for i in fp32.graph.initializer}
+    convs = [n for n in weighted_nodes(fp32) if n.op_type == "Conv"]
+    io = ada_mod.layer_io(fp32, convs, [x[:4]])
+    g = torch.Generator().manual_seed(0)
+    for n in convs:
+        xa, ya = (torch.from_numpy(np.ascontiguousarray(a)) for a in io[n.name])
+        w = torch.from_numpy(onnx.numpy_helper.to_array(inits[n.input[1]]).astype(np.float32))
+        sample, fwd = ada_mod.window_sampler(n, inits, xa, ya, 5, g)
+        for _ in range(3):
+            xs, ys = sample(torch.arange(4))
+            torch.testing.assert_close(fwd(xs, w), ys, rtol=1e-4, atol=1e-4)
+    assert len(convs) > 20
+    assert any(n.attribute and ada_mod.attr(n, "strides", [1, 1]) == [2, 2] for n in convs)
+    assert any(ada_mod.attr(n, "group", 1) > 1 for n in convs)
+
+
+def test_learned_rounding_goes_where_rounding_costs_within_its_layer_budget(tmp_path: Path) -> None:
     fp32, x = _small_mobilenet(tmp_path)
     batches = [x[:8], x[8:]]
     # a tiny memory cap: layers learned in many groups, one network pass each, scored on fewer images
-    overrides, info = improve.adaround(fp32, batches, budget_s=5.0, min_iters=20, max_iters=30, memory_mib=0.01)
+    overrides, info = ada_mod.adaround(fp32, batches, iters=20, memory_mib=0.01)
     costs = [r["rel_error_nearest"] for r in info["per_layer"]]
     assert 0 < info["costly"] < info["layers"] and info["learned"] == info["costly"] and info["scoring_images"] < 16
     assert info["data_passes"] > 1
     assert costs == sorted(costs, reverse=True)  # worst layers first
     assert all(c >= info["min_rel_error"] for c in costs)
     assert {r["layer"] for r in info["per_layer"] if r["kept"]} == {
-        n.name for n in improve.weighted_nodes(fp32) if n.input[1] in overrides}
+        n.name for n in weighted_nodes(fp32) if n.input[1] in overrides}
+    # a layer budget: only the costliest are learned, the rest are reported
+    few, info2 = ada_mod.adaround(fp32, batches, iters=20, max_layers=3)
+    assert info2["learned"] == 3 and info2["not_learned"] == info2["costly"] - 3
+    assert [r["layer"] for r in info2["per_layer"]] == [r["layer"] for r in info["per_layer"][:3]]
     # layers below the threshold keep nearest rounding: a threshold no layer reaches learns nothing
-    none, info = improve.adaround(fp32, batches, budget_s=5.0, min_rel_error=1e9)
+    none, info = ada_mod.adaround(fp32, batches, iters=20, min_rel_error=1e9)
     assert none == {} and info["costly"] == 0 and info["learned"] == 0 and info["layers"] > info["costly"]
-    # a budget spent before the first layer: nothing learned, every costly layer reported as not reached
-    none, info = improve.adaround(fp32, batches, budget_s=1e-3)
-    assert none == {} and info["learned"] == 0 and info["not_reached"] == info["costly"] > 0
 
 
 @pytest.mark.slow
-def test_every_technique_switches_off_and_graphs_stay_valid(default_run_64: Path, tmp_path: Path) -> None:
+def test_plan_records_every_pass_and_switches_off(default_run_64: Path, tmp_path: Path) -> None:
     run = copy_run(default_run_64, tmp_path / "run")
-    on = run_export(run, ExportConfig(int8=True, max_drop=100.0, threads=2, adaround_budget_s=5.0))
-    assert set(on["int8"]["techniques"]) == {"cle", "bias_correction", "head_refit", "adaround"}
-    assert on["int8"]["techniques"]["head_refit"]["applied"] and on["int8"]["techniques"]["head_refit"]["images"] == 2000
-    bc, ada = on["int8"]["techniques"]["bias_correction"], on["int8"]["techniques"]["adaround"]
-    for form in ("tensorrt", "cpu"):  # auto: both candidates scored on held-out calibration images
-        assert bc[f"chosen_{form}"] in ("analytic", "empirical") and set(bc[f"scores_{form}"]) == {"analytic", "empirical"}
-        if ada["improved"]:  # learned rounding judged per form against nearest on the same held-out images
-            s = ada[f"scores_{form}"]
-            assert ada[f"kept_{form}"] == (s["learned"] < s["nearest"])
-    assert ada["probe_held_out"] and bc["probe_held_out"]
+    on = run_export(run, export_cfg(escalate="on", adaround_iters=40, adaround_layers=4))
+    assert [r["name"] for r in on["int8"]["graph"]] == ["fold", "cle", "calibrate"]
+    for form in ("tensorrt", "cpu"):
+        rec = on["int8"]["forms"][form]
+        assert [r["name"] for r in rec["cheap"]] == ["ranges", "bias_correction", "head_refit"]
+        assert [r["name"] for r in rec["expensive"]] == ["learned_rounding", "bias_correction", "head_refit"]
+        assert rec["check"]["escalate"] and rec["check"]["why"] == "--escalate on"
+        assert rec["kept"] in ("cheap", "expensive") and set(rec["scores"]) == {"cheap", "expensive"}
+        best = min(rec["scores"], key=lambda k: rec["scores"][k]["mse"])
+        assert rec["kept"] == best  # the record is the decision
+        bc = rec["expensive"][1]
+        assert bc["decision"] in ("analytic", "empirical") and set(bc["scores"]) == {"analytic", "empirical"}
+        lr = rec["expensive"][0]
+        assert lr["details"]["iters"] == 40 and lr["details"]["learned"] <= 4
+        assert lr["decision"] in ("nearest rounding", "learned rounding") or lr["why"] == "no layer improved"
+        assert rec["cheap"][2]["details"]["images"] == 2000
     assert check_tensorrt_qdq(onnx.load(str(run / "model.int8.trt.onnx"))) == []
-    analytic = run_export(run, ExportConfig(int8=True, max_drop=100.0, threads=2, head_refit=False, adaround=False,
-                                            bias_correction_mode="analytic"))
-    bc = analytic["int8"]["techniques"]["bias_correction"]
-    assert bc["chosen_tensorrt"] == bc["chosen_cpu"] == "analytic" and "empirical_cpu" not in bc
+    analytic = run_export(run, export_cfg(head_refit=False, bias_correction="analytic", escalate="on",
+                                          adaround=False))
+    for form in ("tensorrt", "cpu"):
+        rec = analytic["int8"]["forms"][form]
+        assert rec["cheap"][1]["decision"] == "analytic" and rec["cheap"][2]["decision"] == "skipped"
+        assert not rec["check"]["escalate"] and rec["check"]["why"] == "no expensive pass is enabled"
+    off = run_export(run, export_cfg(cle=False, bias_correction="off", head_refit=False))
+    assert [r["decision"] for r in off["int8"]["graph"] if r["name"] == "cle"] == ["skipped"]
+    for form in ("tensorrt", "cpu"):
+        rec = off["int8"]["forms"][form]
+        assert [r["decision"] for r in rec["cheap"][1:]] == ["skipped", "skipped"] and rec["kept"] == "cheap"
     assert check_tensorrt_qdq(onnx.load(str(run / "model.int8.trt.onnx"))) == []
-    off = run_export(run, ExportConfig(int8=True, max_drop=100.0, threads=2, cle=False, bias_correction=False,
-                                       head_refit=False, adaround=False))
-    assert off["int8"]["techniques"] == {}
-    assert check_tensorrt_qdq(onnx.load(str(run / "model.int8.trt.onnx"))) == []
-    assert read_json(run / "export_manifest.json")["config"]["cle"] is False
+    assert read_json(run / "export_manifest.json")["config"]["quant"]["cle"] is False

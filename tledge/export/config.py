@@ -37,8 +37,7 @@ class Int8Config:
     adaround_iters: int = 2000          # iterations per learned layer (AdaRound paper: ~10k at batch 32)
     adaround_layers: int = 16           # at most this many layers learned, the costliest first
     adaround_images: int = 64           # calibration images the rounding is learned on
-    empirical_sweeps: int = 2           # passes of empirical bias correction over the network
-    target_agreement: float = 0.97      # top-1 agreement with FP32 on the judge images that the cheap plan must
+    target_agreement: float = 0.96      # top-1 agreement with FP32 on the judge images that the cheap plan must
                                         # reach; below it the expensive passes run (--escalate auto)
     escalate: str = "auto"              # auto | on (always run the expensive passes) | off (never)
 
@@ -101,7 +100,7 @@ class ExportConfig:
             raise UsageError(f"--refit-distill {q.refit_distill} is not a weight between 0 and 1.",
                              "pass 0 (labels only) to 1 (FP32 logits only).")
         for name, v in (("--adaround-iters", q.adaround_iters), ("--adaround-layers", q.adaround_layers),
-                        ("adaround images", q.adaround_images), ("empirical sweeps", q.empirical_sweeps),
+                        ("adaround images", q.adaround_images),
                         ("--refit-count", q.refit_count)):
             if v < 1:
                 raise UsageError(f"{name} {v} is not a positive count.",

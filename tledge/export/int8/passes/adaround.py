@@ -4,7 +4,7 @@ Rounding for Post-Training Quantization"; loss and annealing as in AIMET).
 Per Conv/Gemm, each weight is rounded up or down (same per-channel scales) to reconstruct the layer's
 FP32 output on the fit images. Budgets count layers and iterations, never seconds: every layer's
 nearest-rounding output error relative to its output variance is measured first; the ``max_layers``
-worst above ``min_rel_error`` are learned, ``iters`` iterations each (batch 8, annealed regulariser).
+worst above ``min_rel_error`` are learned, ``iters`` iterations each (batch 8 of 16x16 output windows, annealed regulariser).
 The rounding is learned once (on the FP32 graph both forms share) and each form keeps it only if its
 INT8 logits come closer to FP32 on the judge images than with nearest rounding: reconstruction from
 FP32 inputs does not see activation quantization, so it need not help every form.
@@ -62,6 +62,38 @@ def io_groups(nodes: list[Any], per_image: dict[str, int], images: int, cap_byte
     return groups
 
 
+def window_sampler(n: Any, inits: dict[str, Any], x_all: Any, y_all: Any, size: int, g: Any) -> tuple[Any, Any]:
+    """For a Conv: (sample(idx) -> (input window, output window), fwd_valid(x, w)): a random ``size`` x
+    ``size`` window of the outputs and the padded input window that produces exactly it with an unpadded
+    conv. Learning on windows keeps an iteration's cost independent of the image size. Other layers:
+    whole samples and their own forward."""
+    import torch
+    import torch.nn.functional as F
+    from onnx import numpy_helper
+
+    if n.op_type != "Conv" or y_all.ndim != 4:
+        _, _, fwd = layer_forward(n, inits)
+        return (lambda idx: (x_all[idx], y_all[idx])), fwd
+    stride, dil = attr(n, "strides", [1, 1]), attr(n, "dilations", [1, 1])
+    pads, groups = attr(n, "pads", [0, 0, 0, 0]), attr(n, "group", 1)
+    kh, kw = numpy_helper.to_array(inits[n.input[1]]).shape[2:]
+    b = torch.from_numpy(numpy_helper.to_array(inits[n.input[2]]).astype(np.float32)) if len(n.input) > 2 else None
+    x_pad = F.pad(x_all, (pads[1], pads[3], pads[0], pads[2]))
+    ho, wo = y_all.shape[2], y_all.shape[3]
+    h, w = min(ho, size), min(wo, size)
+    ext_h, ext_w = (h - 1) * stride[0] + (kh - 1) * dil[0] + 1, (w - 1) * stride[1] + (kw - 1) * dil[1] + 1
+
+    def sample(idx: Any) -> tuple[Any, Any]:
+        oy = int(torch.randint(0, ho - h + 1, (1,), generator=g))
+        ox = int(torch.randint(0, wo - w + 1, (1,), generator=g))
+        iy, ix = oy * stride[0], ox * stride[1]
+        return x_pad[idx, :, iy:iy + ext_h, ix:ix + ext_w], y_all[idx, :, oy:oy + h, ox:ox + w]
+
+    def fwd_valid(x: Any, wq: Any) -> Any:
+        return F.conv2d(x, wq, b, stride, 0, dil, groups)
+    return sample, fwd_valid
+
+
 def layer_forward(n: Any, inits: dict[str, Any]) -> tuple[np.ndarray, int, Any]:
     """(FP32 weight, its channel axis, fwd(x, w) with the layer's own bias) of a Conv/Gemm, in torch."""
     import torch
@@ -87,7 +119,7 @@ def layer_forward(n: Any, inits: dict[str, Any]) -> tuple[np.ndarray, int, Any]:
 
 def adaround(model: Any, batches: list[np.ndarray], iters: int = 2000, max_layers: int = 64, reg: float = 0.01,
              threads: int | None = None, seed: int = 0, min_rel_error: float = MIN_REL_ERROR,
-             memory_mib: float = 256, batch: int = 8) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+             memory_mib: float = 256, batch: int = 8, window: int = 16) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Learned rounding of the ``max_layers`` layers that nearest rounding costs most (relative output
     error above ``min_rel_error``), ``iters`` iterations each. Layer inputs and outputs are held for at
     most ``memory_mib`` MiB at a time (layers learned in groups, one network pass per group). torch runs
@@ -150,6 +182,8 @@ def adaround(model: Any, batches: list[np.ndarray], iters: int = 2000, max_layer
                     d = fwd(x_all[idx], wq) - y_all[idx]
                     return d.pow(2).sum(1).mean()
 
+                sample, fwd_win = window_sampler(n, inits, x_all, y_all, window, g)
+
                 bs = min(batch, len(x_all))
                 first = last = 0.0
                 for it in range(iters):
@@ -157,10 +191,11 @@ def adaround(model: Any, batches: list[np.ndarray], iters: int = 2000, max_layer
                     frac = it / iters
                     beta = 20 - (20 - 2) * max(0.0, (frac - 0.2) / 0.8)
                     wq = S * torch.clamp(floor + h(), -127, 127)
-                    loss = rec(wq, idx)
+                    xs, ys = sample(idx)
+                    loss = (fwd_win(xs, wq) - ys).pow(2).sum(1).mean()
                     if it == 0:
-                        first = float(loss)
-                    last = float(loss)
+                        first = loss.item()
+                    last = loss.item()
                     if frac >= 0.2:  # warm-up without the rounding regulariser, then anneal beta 20 -> 2
                         loss = loss + reg * (1 - (2 * h() - 1).abs().pow(beta)).sum()
                     opt.zero_grad()
@@ -186,7 +221,7 @@ def adaround(model: Any, batches: list[np.ndarray], iters: int = 2000, max_layer
               "memory_mib": memory_mib, "data_passes": groups,
               "recon_error_nearest": float(np.sum([r["recon_error_nearest"] for r in layers])),
               "recon_error_learned": float(np.sum([r["recon_error_learned"] for r in layers])),
-              "per_layer": layers}
+              "window": window, "batch": batch, "per_layer": layers}
     return out, report
 
 

@@ -1,0 +1,160 @@
+"""Issue 12 benchmark: the INT8 export as a plan of passes, at the demo's 224 px and at 112 px, on
+mobilenet_v2 and efficientnet_lite0, judged on the 10,000 Fashion-MNIST test images no step sees.
+
+Per backbone and size, in one process and one run (side by side, so machine noise hits all alike):
+  - plain onnxruntime `quantize_static` of both forms on the same 260 shipped calibration images
+    (quant_pre_process + QDQ per-channel; MinMax, its default, and Percentile), wall time per form;
+  - `run_export(--int8)` with the default plan (cheap recipe; expensive passes only when a form misses
+    the target agreement on the judge images), wall time, time per stage and per pass, the decisions;
+  - the same with --escalate on (learned rounding and auto bias correction always on: the previous
+    default's techniques);
+  - every INT8 graph's top-1 drop against PyTorch and top-1 agreement with FP32 on the 10,000 test images.
+The run's own val split (the embedded 1,000 images) drives the gate, as in `tledge export`.
+
+Usage: python benchmarks/int8_plan.py [--backbones mobilenet_v2,efficientnet_lite0] [--sizes 224,112]
+Writes benchmarks/results/int8_plan.json.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine, make_testset, save, table  # noqa: E402
+
+
+def quantize_static_both(fp32_path: Path, calib_x: np.ndarray, tmp: Path, method: str) -> dict:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([calib_x[i:i + 20] for i in range(0, len(calib_x) - len(calib_x) % 20, 20)])
+
+        def get_next(self):  # noqa: ANN201
+            b = next(self.it, None)
+            return None if b is None else {"input": b}
+
+    t0 = time.perf_counter()
+    pre = tmp / "pre.onnx"
+    quant_pre_process(str(fp32_path), str(pre))
+    out = {"pre_process_s": time.perf_counter() - t0, "forms": {}}
+    forms = {"tensorrt": dict(activation_type=QuantType.QInt8, extra_options={
+        "ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}),
+             "cpu": dict(activation_type=QuantType.QUInt8, extra_options={})}
+    for form, kw in forms.items():
+        p = tmp / f"qs_{method}_{form}.onnx"
+        t1 = time.perf_counter()
+        quantize_static(str(pre), str(p), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method), **kw)
+        out["forms"][form] = {"seconds": time.perf_counter() - t1, "path": str(p)}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def test_metrics(path: str, ev, ref) -> dict:
+    from tledge.evalset import compare, run_logits
+    from tledge.runtimes.onnxruntime import OrtRunner
+    with OrtRunner(path, "cpu", 2) as r:
+        res = compare(run_logits(r.infer, ev, 64), ref, ev.labels)
+    return {"top1": res["top1"], "drop_pt": res["drop_points"], "agreement": res["top1_agreement"]}
+
+
+def bench(name: str, size: int, test_dir: Path, tmp: Path) -> dict:
+    import torch
+
+    from tledge import card as card_mod
+    from tledge.data import scan
+    from tledge.evalset import EvalSet, run_logits
+    from tledge.export.config import ExportConfig, GateConfig, Int8Config
+    from tledge.export.pipeline import run_export
+    from tledge.model import load_classifier
+    from tledge.tune import TuneConfig, run_tune
+
+    base = tmp / f"run-{name}-{size}"
+    card = run_tune(ROOT / "data/fashion-mnist", base, TuneConfig(backbone=name, image_size=size, workers=2,
+                                                                  cache_dir=str(tmp / "cache")))
+    pre = card_mod.preprocess_of(card)
+    model = load_classifier(base, card)
+    ev = EvalSet(scan(test_dir).val, pre, label="test images")
+    with torch.inference_mode():
+        ref = run_logits(lambda b: model(torch.from_numpy(b)).numpy(), ev, 64)
+    torch_top1 = float((ref.argmax(1) == ev.labels).mean())
+    rows, detail = [], {}
+    for label, escalate in (("tledge default plan", "auto"), ("all passes on (--escalate on)", "on")):
+        run = tmp / f"{base.name}-{escalate}"
+        shutil.copytree(base, run)
+        cfg = ExportConfig(int8=True, threads=2, gate=GateConfig(max_drop=1.0), quant=Int8Config(escalate=escalate))
+        t0 = time.perf_counter()
+        m = run_export(run, cfg)
+        wall = time.perf_counter() - t0
+        passes = [(r["scope"], r["name"], r["seconds"]) for r in m["int8"]["graph"]]
+        for form, rec in m["int8"]["forms"].items():
+            for stage in ("cheap", "expensive"):
+                passes += [(f"{form}/{stage}", r["name"], r["seconds"]) for r in rec.get(stage, [])]
+        detail[label] = {"wall_s": wall, "stages_s": m["seconds_per_stage"], "passes_s": passes,
+                         "forms": {f: {"check": r["check"], "kept": r["kept"]} for f, r in m["int8"]["forms"].items()},
+                         "gate": {f: {k: g[k] for k in ("method", "rounding", "kept_float")}
+                                  for f, g in m["int8"]["gate"].items()}}
+        if label == "tledge default plan":
+            fp32_path = run / "model.onnx"
+        for form in ("tensorrt", "cpu"):
+            rows.append({"config": label, "form": form, "export_s": wall,
+                         **test_metrics(str(run / f"model.int8.{'trt' if form == 'tensorrt' else 'cpu'}.onnx"), ev, ref),
+                         "val_drop_pt": m["checks"][f"int8-{form}"]["final"]["drop_points"],
+                         "escalated": m["int8"]["forms"][form]["check"]["escalate"],
+                         "kept": m["int8"]["forms"][form]["kept"]})
+    calib_files = sorted((ROOT / "calibration/fashion-mnist").rglob("*.png"))
+    calib_x = np.stack([pre(f) for f in calib_files])
+    qs = {}
+    for method in ("MinMax", "Percentile"):
+        qs[method] = quantize_static_both(fp32_path, calib_x, tmp, method)
+        for form, f in qs[method]["forms"].items():
+            rows.append({"config": f"quantize_static {method}", "form": form, "export_s": qs[method]["seconds"],
+                         **test_metrics(f["path"], ev, ref)})
+    ev.close()
+    ratios = {f"default / quantize_static {m}": detail["tledge default plan"]["wall_s"] / qs[m]["seconds"]
+              for m in qs}
+    return {"backbone": name, "size": size, "test_images": len(ref), "torch_top1": torch_top1, "rows": rows,
+            "detail": detail, "quantize_static": qs, "ratios": ratios}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbones", default="mobilenet_v2,efficientnet_lite0")
+    ap.add_argument("--sizes", default="224,112")
+    args = ap.parse_args()
+    from tledge.perf import tune_allocator
+    tune_allocator()
+    results = []
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        test_dir = make_testset(tmp / "fashion-test10k")
+        for size in (int(s) for s in args.sizes.split(",")):
+            for name in args.backbones.split(","):
+                r = bench(name, size, test_dir, tmp)
+                results.append(r)
+                print(f"\n== {name} @ {size}px, {r['test_images']} test images: PyTorch FP32 top-1 {r['torch_top1']:.4f}")
+                print(table(r["rows"], ["config", "form", "export_s", "top1", "drop_pt", "agreement", "val_drop_pt",
+                                        "escalated", "kept"]))
+                for label, d in r["detail"].items():
+                    print(f"{label}: wall {d['wall_s']:.1f} s; stages " + ", ".join(
+                        f"{k} {v:.1f} s" for k, v in d["stages_s"].items()))
+                    print("  passes: " + ", ".join(f"{s}/{n} {sec:.1f}" for s, n, sec in d["passes_s"]))
+                    for f, c in d["forms"].items():
+                        print(f"  {f}: judge agreement of the cheap recipe {c['check']['agreement']:.3f}, "
+                              f"escalated {c['check']['escalate']}, kept {c['kept']}")
+                print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items()))
+                save("int8_plan", {"machine": machine(), "results": results})
+    print(f"\nwrote {save('int8_plan', {'machine': machine(), 'results': results})}")
+
+
+if __name__ == "__main__":
+    main()
