@@ -243,7 +243,7 @@ def test_int8_graphs_do_not_depend_on_threads(default_run_64: Path, tmp_path: Pa
     out = {}
     for t in (1, 2):
         run = copy_run(default_run_64, tmp_path / f"run{t}")
-        r = CliRunner().invoke(main, ["export", str(run), "--int8", "--threads", str(t), "--escalate", "on",
+        r = CliRunner().invoke(main, ["export", str(run), "--int8", "--threads", str(t), "--escalate", "on", "--max-drop", "100",
                                       "--adaround-iters", "30", "--adaround-layers", "3", "--refit-count", "500"])
         assert r.exit_code == 0, r.output
         m = read_json(run / "export_manifest.json")

@@ -47,6 +47,9 @@ class FormPass(Protocol):
     name: str
 
     def enabled(self, cfg: ExportConfig) -> tuple[bool, str]: ...
+    def escalates(self, cfg: ExportConfig) -> bool:
+        """In the expensive recipe: whether this pass does something the cheap recipe did not (only then
+        is escalating worth its cost)."""
     def run(self, state: FormState, ctx: Int8Context) -> PassRecord: ...
 
 
@@ -114,7 +117,7 @@ class Plan:
         cheap = FormState(form, ctx.base)
         record: dict[str, Any] = {"cheap": [r.to_dict() for r in self._run_form_passes(self.cheap, cheap, ctx)]}
         score = ctx.score(ctx.quantize(cheap))
-        expensive_on = [p.name for p in self.expensive if p.enabled(ctx.cfg)[0] and p.name != "head_refit"]
+        expensive_on = [p.name for p in self.expensive if p.enabled(ctx.cfg)[0] and p.escalates(ctx.cfg)]
         if q.escalate == "off":
             run, why = False, "--escalate off"
         elif not expensive_on:

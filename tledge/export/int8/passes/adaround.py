@@ -228,6 +228,9 @@ def adaround(model: Any, batches: list[np.ndarray], iters: int = 2000, max_layer
 class LearnedRounding:
     name = "learned_rounding"
 
+    def escalates(self, cfg: ExportConfig) -> bool:
+        return cfg.quant.adaround
+
     def enabled(self, cfg: ExportConfig) -> tuple[bool, str]:
         q = cfg.quant
         if not q.adaround:

@@ -195,6 +195,9 @@ class BiasCorrection:
         self.escalated = escalated
         self.name = "bias_correction"
 
+    def escalates(self, cfg: ExportConfig) -> bool:
+        return self.escalated and cfg.quant.bias_correction == "auto"
+
     def enabled(self, cfg: ExportConfig) -> tuple[bool, str]:
         mode = cfg.quant.bias_correction
         if mode == "off":

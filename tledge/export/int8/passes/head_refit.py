@@ -120,6 +120,9 @@ def train_images(ctx: Int8Context) -> EvalSet:
 class HeadRefit:
     name = "head_refit"
 
+    def escalates(self, cfg: ExportConfig) -> bool:
+        return False
+
     def enabled(self, cfg: ExportConfig) -> tuple[bool, str]:
         if not cfg.quant.head_refit:
             return False, "--no-head-refit"

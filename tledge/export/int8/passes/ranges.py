@@ -11,6 +11,9 @@ from tledge.export.int8.select import best_of, fmt_scores
 class Ranges:
     name = "ranges"
 
+    def escalates(self, cfg: ExportConfig) -> bool:
+        return False
+
     def enabled(self, cfg: ExportConfig) -> tuple[bool, str]:
         return True, "always"
 
