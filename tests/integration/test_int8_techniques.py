@@ -119,8 +119,8 @@ def test_empirical_bias_correction_removes_the_int8_networks_mean_shift(default_
     def quantize(m):
         return quantize_model(m, stats, form, "mse")
 
-    corrected, info = bc_mod.empirical_bias_correct(fp32, quantize, batches)
-    assert info["layers"] == 53 and info["mean_abs_shift"] > 0
+    corrected, info = bc_mod.empirical_bias_correct(fp32, quantize, x)
+    assert info["layers"] == 53 and info["mean_abs_shift"] > 0 and info["passes"] == 1
     before = bc_mod.layer_shifts(fp32, quantize(fp32), batches)
     after = bc_mod.layer_shifts(fp32, quantize(corrected), batches)
     assert np.mean(list(after.values())) < 0.3 * np.mean(list(before.values()))

@@ -5,7 +5,8 @@
   (one FP32 pass). Cheap: in the default plan.
 - empirical (as AIMET's ``correct_bias``): layer by layer, the per-channel mean difference between the INT8
   network's layer output (upstream corrections applied) and the FP32 one on the fit images is subtracted
-  from the bias. It also removes the shift activation quantization causes. Measured only where values pass the
+  from the bias, all in one run of a graph that holds both networks and applies each correction before
+  the next layer (``correction_graph``). It also removes the shift activation quantization causes. Measured only where values pass the
   activation and the next quantizer unclipped (the error of clipped values is not a shift). Expensive:
   tried when the plan escalates, and kept only if it beats analytic on the judge images.
 """
@@ -139,52 +140,104 @@ def layer_shifts(fp32: Any, q: Any, batches: list[np.ndarray], threads: int | No
     return {t: float(np.abs(d).mean()) for t, (d, _) in masked_shifts(qs, fs, inp, outs, regions, batches).items()}
 
 
-def empirical_bias_correct(model: Any, quantize: Callable[[Any], Any], batches: list[np.ndarray],
-                           threads: int | None = None, min_count: int = 16) -> tuple[Any, dict[str, Any]]:
-    """Empirical bias correction (Nagel et al. 2019 sec. 4.2, empirical variant as in AIMET's
-    ``correct_bias``): layer by layer in graph order, run the quantized network (``quantize(model)``, with
-    the corrections so far, fed as graph inputs added to each layer's output) and the FP32 one on the same
-    images and subtract the masked mean difference of the layer's outputs, per channel, from its bias.
-    Sequential, so a layer's correction sees the upstream ones: correcting all layers from one pass counts
-    every propagated shift again downstream (measured: it diverged on MobileNetV2 at 224 px)."""
+def correction_graph(model: Any, q: Any, min_count: int = 16) -> tuple[Any, list[str]]:
+    """One graph that runs the FP32 network (tensors prefixed ``f__``) and the INT8 one ``q`` side by side on
+    the same input, and corrects the INT8 network layer by layer *inside the graph*: after each Conv/Gemm,
+    the per-channel mean of (INT8 - FP32) over the batch, taken where the FP32 value lies in the region the
+    INT8 network passes on unchanged (``linear_region``), is subtracted before the next layer reads it.
+    One run over a batch therefore gives the sequential corrections (each layer sees the upstream ones),
+    exposed as outputs ``<layer output>__shift``. Returns the graph and the layer outputs in order."""
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    inits = {i.name: i for i in model.graph.initializer}
-    shapes = {n.output[0]: [1, numpy_helper.to_array(inits[n.input[2]]).shape[0]] + ([1, 1] if n.op_type == "Conv" else [])
-              for n in weighted_nodes(model)}
-    outs = list(shapes)
-    q = quantize(model)
-    regions = {t: linear_region(model, q, t) for t in outs}
-    nodes_out = []
-    for n in q.graph.node:  # layer output t becomes t__raw + t__corr, a graph input fed the correction so far
-        nodes_out.append(n)
+    g = copy_model(q)
+    inits = {i.name for i in model.graph.initializer} | {i.name for i in q.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
+
+    def f(name: str) -> str:
+        return name if (not name or name in inits or name in inputs) else f"f__{name}"
+
+    fp_nodes = []
+    for n in model.graph.node:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        c.name = f"f__{n.name}"
+        c.input[:] = [f(i) for i in n.input]
+        c.output[:] = [f(o) for o in n.output]
+        fp_nodes.append(c)
+    have = {i.name for i in g.graph.initializer}
+    g.graph.initializer.extend(i for i in model.graph.initializer if i.name not in have)
+    layers = [n.output[0] for n in weighted_nodes(model)]
+    weighted = set(layers)
+    consts = []
+
+    def const(name: str, value: Any, dtype: Any = np.float32) -> str:
+        consts.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    nodes = list(fp_nodes)
+    for n in g.graph.node:
+        nodes.append(n)
         t = n.output[0] if n.output else None
-        if t in shapes:
-            n.output[0] = f"{t}__raw"
-            nodes_out.append(helper.make_node("Add", [f"{t}__raw", f"{t}__corr"], [t], name=f"{t}__corr_add"))
-            q.graph.input.append(helper.make_tensor_value_info(f"{t}__corr", TensorProto.FLOAT, shapes[t]))
-    del q.graph.node[:]
-    q.graph.node.extend(nodes_out)
-    qs, inp = probe_session(q, outs, threads)
-    fs, _ = probe_session(model, outs, threads)
-    corr = {t: np.zeros(shapes[t], np.float32) for t in outs}
-    before, used = [], []
-    with progress() as prog:
-        task = prog.add_task("empirical bias correction", total=len(outs), info="")
-        for t in outs:
-            feeds = {f"{k}__corr": v for k, v in corr.items()}
-            d, ok = masked_shifts(qs, fs, inp, [t], regions, batches, feeds, min_count)[t]
-            before.append(float(np.abs(d).mean()))
-            used.append(float(ok.mean()))
-            corr[t] = (corr[t] - d.reshape(shapes[t])).astype(np.float32)
-            prog.advance(task)
+        if t not in weighted:
+            continue
+        lo, hi = linear_region(model, q, t)
+        lo, hi = max(lo, -3.0e38), min(hi, 3.0e38)
+        raw = f"{t}__raw"
+        n.output[0] = raw
+        axes = const(f"{t}__axes", [0, 2, 3] if n.op_type == "Conv" else [0], np.int64)
+        p = f"{t}__bc"
+        nodes += [
+            helper.make_node("Greater", [f(t), const(f"{p}_lo", lo)], [f"{p}_gt"]),
+            helper.make_node("Less", [f(t), const(f"{p}_hi", hi)], [f"{p}_lt"]),
+            helper.make_node("And", [f"{p}_gt", f"{p}_lt"], [f"{p}_m"]),
+            helper.make_node("Cast", [f"{p}_m"], [f"{p}_mf"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", [raw, f(t)], [f"{p}_d"]),
+            helper.make_node("Mul", [f"{p}_d", f"{p}_mf"], [f"{p}_dm"]),
+            helper.make_node("ReduceSum", [f"{p}_dm", axes], [f"{p}_s"], keepdims=1),
+            helper.make_node("ReduceSum", [f"{p}_mf", axes], [f"{p}_c"], keepdims=1),
+            helper.make_node("Max", [f"{p}_c", const(f"{p}_one", 1.0)], [f"{p}_c1"]),
+            helper.make_node("Div", [f"{p}_s", f"{p}_c1"], [f"{p}_mean"]),
+            helper.make_node("GreaterOrEqual", [f"{p}_c", const(f"{p}_min", float(min_count))], [f"{p}_ok"]),
+            helper.make_node("Where", [f"{p}_ok", f"{p}_mean", const(f"{p}_zero", 0.0)], [f"{t}__shift"]),
+            helper.make_node("Sub", [raw, f"{t}__shift"], [t]),
+        ]
+    del g.graph.node[:]
+    g.graph.node.extend(nodes)
+    g.graph.initializer.extend(consts)
+    del g.graph.output[:]
+    g.graph.output.extend(onnx.ValueInfoProto(name=f"{t}__shift") for t in layers)
+    del g.graph.value_info[:]
+    return g, layers
+
+
+def empirical_bias_correct(model: Any, quantize: Callable[[Any], Any], batch: np.ndarray,
+                           threads: int | None = None, min_count: int = 16) -> tuple[Any, dict[str, Any]]:
+    """Empirical bias correction (Nagel et al. 2019 sec. 4.2, empirical variant as in AIMET's
+    ``correct_bias``) in one pass over the network: ``correction_graph`` runs the FP32 and INT8 networks
+    side by side on ``batch`` and corrects each layer before the next reads it, so every layer's
+    correction sees the upstream ones (as the layer-by-layer form does, without a network run per layer).
+    The corrections are then subtracted from the FP32 graph's biases; ``quantize`` re-quantizes it."""
+    from onnx import numpy_helper
+
+    from tledge.export.ort import session
+
+    g, layers = correction_graph(model, quantize(model), min_count)
+    sess = session(g, threads, optimize=False)
+    inp = sess.get_inputs()[0].name
+    shifts = dict(zip(layers, sess.run([f"{t}__shift" for t in layers], {inp: np.ascontiguousarray(batch)})))
     m = copy_model(model)
     minits = {i.name: i for i in m.graph.initializer}
+    mean_abs, used = [], []
     for n in weighted_nodes(m):
-        b = numpy_helper.to_array(minits[n.input[2]]).astype(np.float64) + corr[n.output[0]].reshape(-1)
+        d = shifts[n.output[0]].reshape(-1).astype(np.float64)
+        b = numpy_helper.to_array(minits[n.input[2]]).astype(np.float64) - d
         minits[n.input[2]].CopyFrom(numpy_helper.from_array(b.astype(np.float32), n.input[2]))
-    return m, {"layers": len(outs), "mean_abs_shift": float(np.mean(before)) if before else 0.0,
-               "channels_corrected": float(np.mean(used)) if used else 0.0, "images": sum(len(b) for b in batches)}
+        mean_abs.append(float(np.abs(d).mean()))
+        used.append(float((d != 0).mean()))
+    return m, {"layers": len(layers), "mean_abs_shift": float(np.mean(mean_abs)) if mean_abs else 0.0,
+               "channels_corrected": float(np.mean(used)) if used else 0.0, "images": int(len(batch)),
+               "passes": 1}
 
 
 class BiasCorrection:
@@ -214,8 +267,7 @@ class BiasCorrection:
         return bias_correct(state.model, ctx.cache["means"], state.rounding or None)
 
     def _empirical(self, state: FormState, ctx: Int8Context) -> tuple[Any, dict[str, Any]]:
-        batches = [np.ascontiguousarray(ctx.fit[i:i + 32]) for i in range(0, min(len(ctx.fit), 64), 32)]
-        return empirical_bias_correct(state.model, lambda m: ctx.quantize(state, model=m), batches, ctx.threads)
+        return empirical_bias_correct(state.model, lambda m: ctx.quantize(state, model=m), ctx.fit[:64], ctx.threads)
 
     def run(self, state: FormState, ctx: Int8Context) -> PassRecord:
         mode = ctx.cfg.quant.bias_correction
