@@ -132,6 +132,14 @@ class HeadRefit:
         gemm = head_gemm(state.model)
         if gemm is None or ctx.card["head"]["kind"] != "linear":
             return PassRecord(self.name, state.form, "not applied", "only linear heads are re-fitted")
+        import hashlib
+        key = (state.form, state.method, state.rounding_name,
+               hashlib.sha256(state.model.SerializeToString(deterministic=True)).hexdigest())
+        done = ctx.cache.setdefault("refit", {})
+        if key in done:  # the same graph, ranges and rounding as a recipe already re-fitted: the same head
+            state.model, state.rounding, rec = done[key]
+            return PassRecord(self.name, state.form, rec.decision, "same input as an earlier refit: reused",
+                              details=rec.details)
         train = train_images(ctx)
         q = ctx.quantize(state)
         with progress() as prog:
@@ -152,6 +160,8 @@ class HeadRefit:
         state.model = with_head(state.model, gemm, w, b)
         # the re-fitted head is new weights: nearest rounding for them, not the rounding learned for the old
         state.rounding = {k: v for k, v in state.rounding.items() if k != gemm.input[1]}
-        return PassRecord(self.name, state.form, f"head re-fitted on {len(train)} training images, {epochs} epochs",
-                          details={"images": len(train), "epochs": epochs, "distill": distill,
-                                   "source": "training split"})
+        rec = PassRecord(self.name, state.form, f"head re-fitted on {len(train)} training images, {epochs} epochs",
+                         details={"images": len(train), "epochs": epochs, "distill": distill,
+                                  "source": "training split"})
+        done[key] = (state.model, state.rounding, rec)
+        return rec
