@@ -231,6 +231,8 @@ def bench(run: Path, batches: str, budget: float, warmup: int, threads: int | No
         sizes = tuple(int(b) for b in batches.split(","))
     except ValueError:
         raise UsageError(f"--batch {batches!r} is not a comma-separated list of sizes.", "pass e.g. --batch 1,8,32.") from None
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--batch {batches!r}: every batch size must be 1 or more.", "pass e.g. --batch 1,8,32.")
     other = load(compare_with) if compare_with else None
     result = run_bench(run, BenchConfig(batches=sizes, budget_s=budget, warmup=warmup, threads=threads,
                                         end_to_end=not no_e2e, compile=use_compile, cuda_graph=cuda_graph,

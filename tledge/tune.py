@@ -390,6 +390,13 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
                          f"{spec.size_multiple}.", f"pass --image-size {spec.size_multiple} (or a multiple).")
     if cfg.unfreeze < 0:
         raise UsageError(f"--unfreeze {cfg.unfreeze} is negative.", "pass 0 (frozen) or a positive count.")
+    for name, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size), ("--patience", cfg.patience),
+                        ("--ft-epochs", cfg.ft_epochs)):
+        if value < 1:
+            raise UsageError(f"{name} {value} is not a positive count.", f"pass {name} 1 or more.")
+    for name, value in (("--lr", cfg.lr), ("--ft-lr", cfg.ft_lr)):
+        if not value > 0:
+            raise UsageError(f"{name} {value} is not a positive learning rate.", f"pass e.g. {name} 1e-3.")
     if d.is_main:
         _prepare_run_dir(out, overwrite)
     d.barrier()

@@ -27,6 +27,9 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
             out.append(str(p))
         else:
             raise InputError(f"{p} does not exist: pass image files or folders of images.")
+    if not out:
+        raise InputError(f"no images in {', '.join(str(i) for i in items)}: pass image files or folders holding "
+                         f"{', '.join(sorted(IMAGE_EXTS))} files.")
     return out
 
 
