@@ -33,17 +33,3 @@ def weighted_nodes(model: Any) -> list[Any]:
     inits = {i.name for i in model.graph.initializer}
     return [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2
             and n.input[1] in inits and n.input[2] in inits]
-
-
-def initializer_arrays(model: Any) -> dict[str, Any]:
-    from onnx import numpy_helper
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-
-
-def set_initializer(model: Any, name: str, value: Any) -> None:
-    from onnx import numpy_helper
-    for i in model.graph.initializer:
-        if i.name == name:
-            i.CopyFrom(numpy_helper.from_array(value, name))
-            return
-    raise KeyError(name)

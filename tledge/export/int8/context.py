@@ -2,7 +2,8 @@
 
 ``Int8Context`` owns what all passes share: the FP32 graph the forms start from (``base``, set by the
 graph-wide passes), the calibration statistics, the judge images (calibration images held out of every
-fit) with their FP32 logits, the fit images, and one ``mse()``/``score()`` that every decision uses.
+fit) with their FP32 logits, the fit images, and one ``score()`` (logit MSE and top-1 agreement against FP32)
+that every decision uses.
 ``FormState`` is one form's recipe: its FP32 graph (bias-corrected, head re-fitted), range method, weight
 rounding and quantizers kept in float; ``quantized()`` turns it into the Q/DQ graph.
 
@@ -95,9 +96,6 @@ class Int8Context:
         z = self.logits(model)
         ref = self.judge_ref
         return {"mse": float(np.mean((z - ref) ** 2)), "agreement": float((z.argmax(1) == ref.argmax(1)).mean())}
-
-    def mse(self, model: Any) -> float:
-        return self.score(model)["mse"]
 
     def fp32_diff(self, model: Any) -> tuple[float, bool]:
         """Max |logit diff| of a transformed FP32 graph against ``base`` on the judge images, and whether it
