@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tledge.export.config import CalibConfig, ExportConfig, GateConfig, Int8Config
+
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = ROOT / "data" / "fashion-mnist"
 
@@ -82,10 +84,9 @@ def copy_run(src: Path, dest: Path) -> Path:
 
 
 def export_cfg(max_drop: float = 100.0, fallback: bool = True, calib: dict | None = None, threads: int = 2,
-               **quant: object) -> "ExportConfig":  # noqa: F821
+               **quant: object) -> ExportConfig:
     """An INT8 export config for tests: no val gate by default (max_drop 100) and no expensive passes
     (escalate off) unless a test asks; ``quant`` sets Int8Config fields."""
-    from tledge.export.config import CalibConfig, ExportConfig, GateConfig, Int8Config
     quant.setdefault("escalate", "off")
     flags = {k: quant.pop(k) for k in ("int8", "fp16") if k in quant}
     return ExportConfig(int8=flags.get("int8", True), fp16=flags.get("fp16", False), threads=threads,

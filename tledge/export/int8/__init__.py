@@ -41,6 +41,7 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
     section: dict[str, Any] = {"plan": plan.announce(cfg), "calibration_source": where,
                                "judge_images": int(len(judge_idx)), "fit_images": int(len(fit_idx))}
     section["graph"] = [r.to_dict() for r in plan.run_graph(ctx)]
+    calib_rec = next(r for r in section["graph"] if r["name"] == "calibrate")["details"]
     section["forms"], section["gate"], files, ranges = {}, {}, {}, {}
     try:
         for form in cfg.quant.forms:
@@ -51,9 +52,8 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
                 if problems:
                     raise AccuracyError(f"internal error: the TensorRT-form graph is not valid explicit "
                                         f"quantization: {problems[:3]}", "report this bug.")
-            calib_key = next(r for r in section["graph"] if r["name"] == "calibrate")["details"]["key"]
             onnx_io.set_metadata(q, {**onnx_io.metadata(card), "tledge.precision": f"int8-{form}",
-                                     "tledge.calibration": calib_key})
+                                     "tledge.calibration": calib_rec["key"]})
             p = Path(run) / artefacts.int8_file(form)
             onnx_io.save_model(q, p)
             files[form] = onnx_io.file_info([p])
@@ -63,7 +63,6 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
     finally:
         if "train" in ctx.cache:
             ctx.cache["train"].close()
-    calib_rec = next(r for r in section["graph"] if r["name"] == "calibrate")["details"]
     write_json(Path(run) / artefacts.CALIBRATION, {"key": calib_rec["key"], "source": where, "images": len(samples),
                                                    "percentile": cfg.calib.percentile, "forms": ranges})
     section["calibration"] = {**calib_rec, "source": where}

@@ -79,7 +79,7 @@ class Plan:
         """Every pass of the plan, whether the options enable it and why (printed before the work)."""
         out: dict[str, list[dict[str, Any]]] = {}
         for stage, passes in (("graph", self.graph), ("cheap", self.cheap), ("expensive", self.expensive)):
-            out[stage] = [{"pass": p.name, "enabled": p.enabled(cfg)[0], "why": p.enabled(cfg)[1]} for p in passes]
+            out[stage] = [dict(zip(("pass", "enabled", "why"), (p.name, *p.enabled(cfg)))) for p in passes]
         q = cfg.quant
         out["escalation"] = [{"mode": q.escalate, "target_agreement": q.target_agreement,
                               "judge_images": cfg.calib.judge_images}]
@@ -137,7 +137,8 @@ class Plan:
             return cheap, record
         exp = FormState(form, ctx.base, method=cheap.method)
         record["expensive"] = [r.to_dict() for r in self._run_form_passes(self.expensive, exp, ctx)]
-        name, kept, scores = best_of(ctx, {"cheap": cheap, "expensive": exp}, ctx.quantize, f"judge recipes ({form})")
+        name, kept, scores = best_of(ctx, {"cheap": cheap, "expensive": exp}, ctx.quantize, f"judge recipes ({form})",
+                                     known={"cheap": score})
         record.update(kept=name, scores=scores)
         note(f"INT8 {form}: {name} recipe kept (logit MSE, agreement on judge images: {fmt_scores(scores)})")
         return kept, record

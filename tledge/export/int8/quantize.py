@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tledge.export.graph import consumers_of
+from tledge.export.graph import consumers_of, copy_model
 from tledge.export.int8.calibrate import TensorStats, compute_range
 
 WEIGHTED = {"Conv", "Gemm", "MatMul"}
@@ -163,14 +163,8 @@ def quantized_tensors(model: Any, form_name: str) -> list[str]:
     """The activation tensors the form puts a quantizer on (the ones calibration needs statistics for, and
     the candidates the accuracy gate can keep in float), in graph order."""
     form = FORMS[form_name]
-    m = ensure_node_names(_copy(model))
+    m = ensure_node_names(copy_model(model))
     return list(_quantizer_sites(m, form, set(quantizable_nodes(m, form)), frozenset()))
-
-
-def _copy(model: Any) -> Any:
-    m = _onnx().ModelProto()
-    m.CopyFrom(model)
-    return m
 
 
 def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, method: str,
