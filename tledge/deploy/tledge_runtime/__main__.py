@@ -83,6 +83,9 @@ class OrtModel:
         if threads:
             so.intra_op_num_threads = threads
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # exact INT8 on x86 CPUs without VNNI (no saturating u8s8 kernels): the same answers as on the build
+        # machine; a no-op on VNNI/AMX CPUs and on GPUs (tledge/runtimes/onnxruntime.py says why)
+        so.add_session_config_entry("session.x64quantprecision", "1")
         avail = ort.get_available_providers()
         providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in avail and os.environ.get(
             "TLEDGE_RUNTIME_CPU") != "1"] + ["CPUExecutionProvider"]
