@@ -84,35 +84,94 @@ def _probe(path: str) -> tuple[str, str | None, str | None, tuple[str, str] | No
     return path, hashlib.sha256(data).hexdigest(), kind, None
 
 
-def _list_class_dir(folder: Path, ignored: list[dict[str, str]]) -> list[str]:
-    files: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        for name in sorted(filenames):
-            p = os.path.join(dirpath, name)
-            if _is_hidden(name):
-                ignored.append({"path": p, "kind": "hidden"})
-            elif Path(name).suffix.lower() not in IMAGE_EXTS:
-                ignored.append({"path": p, "kind": "non-image-extension"})
-            else:
-                files.append(p)
-    return files
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _class_dirs(root: Path, ignored: list[dict[str, str]]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for entry in sorted(root.iterdir()):
-        if _is_hidden(entry.name):
-            ignored.append({"path": str(entry), "kind": "hidden"})
-        elif entry.is_dir():
-            files = _list_class_dir(entry, ignored)
-            if files:
-                out[entry.name] = files
+class _Walker:
+    """Lists class folders without being fooled by links: every real folder is listed once ((device,
+    inode) of each visited folder), a link to a folder is followed only when it stays inside its class
+    folder, and a link to a file only when it stays inside the dataset root. Anything else is a problem
+    (``symlink-loop``, ``symlink-outside-class``, ``symlink-outside-root``), reported and not followed: a
+    loop (``Bag/self -> .``) would list the same images many times, in train and val alike, and a link
+    to another class (``Coat/up -> ..``) would relabel that class's images."""
+
+    def __init__(self, root: Path, ignored: list[dict[str, str]], problems: list[dict[str, str]]) -> None:
+        self.root_real = os.path.realpath(root)
+        self.ignored, self.problems = ignored, problems
+        self.visited: set[tuple[int, int]] = set()
+
+    def _problem(self, path: str, kind: str, message: str) -> None:
+        self.problems.append({"path": path, "kind": kind, "message": message})
+
+    def _first_visit(self, path: str) -> bool:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in self.visited:
+            return False
+        self.visited.add(key)
+        return True
+
+    def class_dir(self, folder: Path) -> list[str]:
+        real = os.path.realpath(folder)
+        if folder.is_symlink() and not _inside(real, self.root_real):
+            self._problem(str(folder), "symlink-outside-root", f"links to {real}, outside the dataset root "
+                          f"{self.root_real}; not followed (copy the images into the dataset instead)")
+            return []
+        files: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            if not self._first_visit(dirpath):
+                self._problem(dirpath, "symlink-loop", f"is {os.path.realpath(dirpath)}, a folder already "
+                              "scanned (through a link); its images are not listed twice")
+                dirnames[:] = []
+                continue
+            keep = []
+            for d in sorted(dirnames):
+                if _is_hidden(d):
+                    continue
+                p = os.path.join(dirpath, d)
+                if os.path.islink(p):
+                    target = os.path.realpath(p)
+                    if not _inside(target, real):
+                        self._problem(p, "symlink-outside-class", f"links to {target}, outside its class folder "
+                                      f"{folder}: its images would get this class's label; not followed")
+                        continue
+                    if _inside(real, target) or _inside(dirpath, target) or _inside(os.path.realpath(dirpath), target):
+                        self._problem(p, "symlink-loop", f"links to {target}, which contains the link itself; "
+                                      "not followed")
+                        continue
+                keep.append(d)
+            dirnames[:] = keep
+            for name in sorted(filenames):
+                p = os.path.join(dirpath, name)
+                if _is_hidden(name):
+                    self.ignored.append({"path": p, "kind": "hidden"})
+                elif Path(name).suffix.lower() not in IMAGE_EXTS:
+                    self.ignored.append({"path": p, "kind": "non-image-extension"})
+                elif os.path.islink(p) and not _inside(os.path.realpath(p), self.root_real):
+                    self._problem(p, "symlink-outside-root", f"links to {os.path.realpath(p)}, outside the dataset "
+                                  f"root {self.root_real}; not followed")
+                else:
+                    files.append(p)
+        return files
+
+    def split_dir(self, root: Path) -> dict[str, list[str]]:
+        """{class name: files} of one split folder (``root/train``, ``root/val`` or the root itself)."""
+        out: dict[str, list[str]] = {}
+        entries = sorted(root.iterdir())
+        # Real class folders first, so that a link to one of them is the one reported as the duplicate.
+        for entry in sorted(entries, key=lambda e: (e.is_symlink(), e.name)):
+            if _is_hidden(entry.name):
+                self.ignored.append({"path": str(entry), "kind": "hidden"})
+            elif entry.is_dir():
+                files = self.class_dir(entry)
+                if files:
+                    out[entry.name] = files
+                elif not any(p["path"] == str(entry) for p in self.problems):
+                    self.ignored.append({"path": str(entry), "kind": "empty-class-folder"})
             else:
-                ignored.append({"path": str(entry), "kind": "empty-class-folder"})
-        else:
-            ignored.append({"path": str(entry), "kind": "file-outside-class-folder"})
-    return out
+                self.ignored.append({"path": str(entry), "kind": "file-outside-class-folder"})
+        return dict(sorted(out.items()))
 
 
 def scan(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0, workers: int | None = None,
@@ -124,15 +183,17 @@ def scan(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0, work
         raise DataError(f"dataset folder {root_p} does not exist or is not a folder.",
                         "pass a folder laid out as DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/*.")
     ignored: list[dict[str, str]] = []
+    problems: list[dict[str, str]] = []
+    walker = _Walker(root_p, ignored, problems)
     has_split = (root_p / "train").is_dir() and (root_p / "val").is_dir()
     if has_split:
-        train_dirs = _class_dirs(root_p / "train", ignored)
-        val_dirs = _class_dirs(root_p / "val", ignored)
+        train_dirs = walker.split_dir(root_p / "train")
+        val_dirs = walker.split_dir(root_p / "val")
         for other in sorted(root_p.iterdir()):
             if other.name not in ("train", "val"):
                 ignored.append({"path": str(other), "kind": "outside-train-val"})
     else:
-        train_dirs, val_dirs = _class_dirs(root_p, ignored), {}
+        train_dirs, val_dirs = walker.split_dir(root_p), {}
     classes = sorted(train_dirs)
     if len(classes) < 2:
         where = root_p / "train" if has_split else root_p
@@ -146,7 +207,6 @@ def scan(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0, work
 
     all_files = [(p, "train", name) for name in classes for p in train_dirs[name]]
     all_files += [(p, "val", name) for name in sorted(val_dirs) for p in val_dirs[name]]
-    problems: list[dict[str, str]] = []
     converted: Counter[str] = Counter()
     ok: dict[str, str] = {}
     paths = [f[0] for f in all_files]
@@ -169,7 +229,7 @@ def scan(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0, work
     index = {c: i for i, c in enumerate(classes)}
     train = [Sample(p, index[c], ok[p]) for p, split, c in all_files if split == "train" and p in ok]
     val = [Sample(p, index[c], ok[p]) for p, split, c in all_files if split == "val" and p in ok]
-    report = ScanReport(str(root_p), "train/val" if has_split else "split", classes, train, val,
+    report = ScanReport(os.path.abspath(root_p), "train/val" if has_split else "split", classes, train, val,
                         problems, ignored, dict(converted))
     if not has_split:
         report.train, report.val = stratified_split(train, val_fraction, seed)
@@ -185,6 +245,56 @@ def scan(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0, work
         if n == 0:
             warn(f"class '{c}' has no validation images; its accuracy cannot be measured.")
     return report
+
+
+INDEX_FILE = "dataset_index.json"
+
+
+def write_index(report: ScanReport, run_dir: str | os.PathLike) -> Path:
+    """RUN/dataset_index.json: every image of the run (path relative to the dataset root, split, label,
+    SHA-256), so a later step can say exactly what changed in the dataset."""
+    from tledge.fsutil import write_json
+    rows = [[os.path.relpath(s.path, report.root), split, report.classes[s.label], s.sha256]
+            for split in ("train", "val") for s in getattr(report, split)]
+    return write_json(Path(run_dir) / INDEX_FILE, {"root": report.root, "images": rows})
+
+
+def scan_for_run(run_dir: str | os.PathLike, card: dict[str, Any]) -> ScanReport:
+    """The run's dataset, scanned again and checked against what tune saw (the card's dataset hash):
+    export and bench measure the very images the run was tuned and validated on, or stop and say what
+    changed. The root is the absolute path the card records (old cards: relative to the working folder)."""
+    ds = card["dataset"]
+    root = ds["root"]
+    if not Path(root).is_dir():
+        raise DataError(f"the run's dataset {root} does not exist (any more).",
+                        f"restore it at {root}, or tune again on the dataset you have.")
+    rep = scan(root, ds.get("val_fraction") or 0.2, ds.get("seed") or 0)
+    want = card.get("dataset_sha256")
+    if want is None or rep.identity() == want:
+        return rep
+    changes = _changes(rep, Path(run_dir) / INDEX_FILE)
+    raise DataError(f"the dataset at {root} changed since {run_dir} was tuned ({changes}): the figures would "
+                    "be measured on other images than the run was tuned and validated on.",
+                    "restore the dataset, or tune again on it with --overwrite.")
+
+
+def _changes(rep: ScanReport, index_path: Path, limit: int = 5) -> str:
+    if not index_path.is_file():
+        return f"classes now {rep.classes}; no {INDEX_FILE} in the run to say more"
+    from tledge.fsutil import read_json
+    try:
+        old = {r[0]: tuple(r[1:]) for r in read_json(index_path)["images"]}
+    except (ValueError, KeyError, TypeError, IndexError):
+        return f"{index_path} is unreadable"
+    new = {os.path.relpath(s.path, rep.root): (split, rep.classes[s.label], s.sha256)
+           for split in ("train", "val") for s in getattr(rep, split)}
+    parts = []
+    for title, names in (("added", sorted(set(new) - set(old))), ("removed", sorted(set(old) - set(new))),
+                         ("changed", sorted(k for k in set(new) & set(old) if new[k] != old[k]))):
+        if names:
+            more = f" and {len(names) - limit} more" if len(names) > limit else ""
+            parts.append(f"{len(names)} {title}: {', '.join(names[:limit])}{more}")
+    return "; ".join(parts) or "the class list or split changed"
 
 
 def stratified_split(samples: Iterable[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

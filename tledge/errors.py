@@ -36,6 +36,10 @@ class MissingDependency(TledgeError):
     """An optional package is needed for this step and is not installed."""
 
 
+class NumericsError(TledgeError):
+    """Training or a cached input produced non-finite numbers (NaN, inf): never saved as a model."""
+
+
 class AccuracyError(TledgeError):
     """An exported artefact does not keep the accuracy it promised."""
 

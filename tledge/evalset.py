@@ -3,13 +3,13 @@ checked or benchmarked on it, so the comparison sees identical input tensors."""
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from tledge.console import progress
 from tledge.data import Sample
+from tledge.fsutil import scratch_dir
 from tledge.preprocess import Preprocess
 
 
@@ -23,7 +23,7 @@ class EvalSet:
 
         self.samples = list(samples)
         self.labels = np.array([s.label for s in self.samples], np.int64)
-        self._dir = tempfile.TemporaryDirectory(prefix="tledge-eval-")
+        self._dir = scratch_dir("tledge-eval")
         shape = (len(self.samples), *pre.input_shape)
         self.x = np.lib.format.open_memmap(os.path.join(self._dir.name, "x.npy"), mode="w+", dtype=np.float32,
                                            shape=shape) if self.samples else np.zeros(shape, np.float32)

@@ -8,6 +8,7 @@ where it stopped and a half-written shard never looks finished.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -18,12 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tledge.console import progress
+from tledge.console import progress, warn
 from tledge.data import Sample
+from tledge.errors import NumericsError
 from tledge.fsutil import atomic_path, sha256_json, write_json
 from tledge.preprocess import ImageLoadError, Preprocess, load_image
 
-FEATURE_VERSION = 1  # bump when the extraction itself changes
+FEATURE_VERSION = 2  # bump when the extraction or the shard format changes (2: shards carry a content hash)
 
 
 def default_cache_dir() -> Path:
@@ -65,17 +67,31 @@ class FeatureCache:
         self.key_fields = key_fields
 
     def load_index(self) -> dict[str, tuple[Path, int]]:
-        """sha256 -> (shard, row) over every finished shard."""
+        """sha256 -> (shard, row) over every shard whose content hash checks out. A damaged shard (edited,
+        truncated, overwritten in place, unreadable) is reported, deleted and its images recomputed: it is
+        never trusted, since features that are silently wrong train a wrong model that looks fine."""
         from safetensors import safe_open
 
         index: dict[str, tuple[Path, int]] = {}
         if not self.dir.is_dir():
             return index
         for shard in sorted(self.dir.glob("shard-*.safetensors")):
+            why = None
             try:
                 with safe_open(str(shard), framework="np") as f:
-                    keys = f.get_tensor("sha256")
-            except Exception:  # noqa: BLE001 - a damaged shard is ignored and recomputed, never trusted
+                    want = (f.metadata() or {}).get("content_sha256")
+                    keys, feats = f.get_tensor("sha256"), f.get_tensor("features")
+                if want is None:
+                    why = "it carries no content hash"
+                elif _content_hash(keys, feats) != want:
+                    why = "its content does not match its hash"
+                elif not np.isfinite(feats).all():
+                    why = "it holds non-finite features"
+            except Exception as exc:  # noqa: BLE001 - any unreadable shard is dropped, never trusted
+                why = f"it cannot be read ({type(exc).__name__})"
+            if why:
+                warn(f"feature cache: {shard} is damaged ({why}); deleted, its images are recomputed")
+                shard.unlink(missing_ok=True)
                 continue
             for row, k in enumerate(keys):
                 index[bytes(k).hex()] = (shard, row)
@@ -106,11 +122,22 @@ class FeatureCache:
         if not meta.exists():
             write_json(meta, self.key_fields)
         keys = np.frombuffer(b"".join(bytes.fromhex(s) for s in shas), np.uint8).reshape(len(shas), 32)
+        feats = np.ascontiguousarray(feats, np.float32)
         dest = self.dir / f"shard-{uuid.uuid4().hex}.safetensors"
         with atomic_path(dest) as tmp:
-            save_file({"sha256": keys, "features": np.ascontiguousarray(feats, np.float32)}, str(tmp),
-                      metadata={"key": json.dumps(self.key_fields, sort_keys=True)})
+            save_file({"sha256": keys, "features": feats}, str(tmp),
+                      metadata={"key": json.dumps(self.key_fields, sort_keys=True),
+                                "content_sha256": _content_hash(keys, feats)})
         return dest
+
+
+def _content_hash(keys: np.ndarray, feats: np.ndarray) -> str:
+    """SHA-256 of a shard's image keys and feature bytes (checked before any row is used)."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(keys, np.uint8).tobytes())
+    h.update(str(feats.shape).encode())
+    h.update(np.ascontiguousarray(feats, np.float32).tobytes())
+    return h.hexdigest()
 
 
 def extract(model: torch.nn.Module, samples: Sequence[Sample], preprocess: Preprocess,
@@ -140,6 +167,12 @@ def extract(model: torch.nn.Module, samples: Sequence[Sample], preprocess: Prepr
             task = prog.add_task(label, total=len(todo), info=f"{stats['cached']} cached")
             for x, _, idx, ok in loader:
                 f = model(x).float().numpy()
+                bad = ~np.isfinite(f).all(axis=1) & ok.numpy()
+                if bad.any():
+                    names = ", ".join(ds.samples[i].path for i in idx[bad].tolist()[:5])
+                    raise NumericsError(f"the backbone gave non-finite features (NaN or inf) for {int(bad.sum())} "
+                                        f"images, e.g. {names}.",
+                                        "check the --weights file (it may be damaged); tledge will not train on them.")
                 for j, (i, good) in enumerate(zip(idx.tolist(), ok.tolist())):
                     sha = ds.samples[i].sha256
                     if good:

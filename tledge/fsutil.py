@@ -17,19 +17,58 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
     os.close(fd)
-    # mkstemp creates 0600; artefacts get the usual permissions (they are copied to devices and shared)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     tmp_p = Path(tmp)
     try:
         yield tmp_p
+        # mkstemp creates 0600, and so do writers that replace the file (safetensors): artefacts get the
+        # usual permissions (they are copied to devices and shared). Set after the writer, before the rename.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_p, 0o666 & ~umask)
         with open(tmp_p, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_p, dest)
     finally:
         if tmp_p.exists():
             tmp_p.unlink()
+
+
+def scratch_root() -> Path:
+    """Where large temporary files go (preprocessed image sets, GBs at 224 px): ``$TLEDGE_TMP_DIR``, else
+    tledge's cache folder, never the system temp folder (often a small RAM disk, and nobody cleans it)."""
+    env = os.environ.get("TLEDGE_TMP_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tledge" / "tmp"
+
+
+def scratch_dir(prefix: str) -> "tempfile.TemporaryDirectory[str]":
+    """A temporary folder under scratch_root(), named by host and process id; folders left by processes of
+    this host that no longer run (killed with -9, power cut) are removed first."""
+    import socket
+    import shutil
+
+    root = scratch_root()
+    root.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname().replace("-", "_")
+    for old in root.glob(f"{prefix}-{host}-*"):
+        try:
+            pid = int(old.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}-{host}-{os.getpid()}-", dir=root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_atomic(dest: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:

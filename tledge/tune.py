@@ -28,11 +28,13 @@ from torch import nn
 import tledge
 from tledge import backbones, card as card_mod
 from tledge.console import err, note, progress, warn
-from tledge.data import ScanReport, format_report, scan
+from tledge.data import ScanReport, format_report, scan, write_index
 from tledge.distributed import Dist, maybe_inject_fault
-from tledge.errors import RunDirError, UsageError
+from tledge.errors import NumericsError, RunDirError, UsageError
+from tledge.faults import maybe_interrupt
 from tledge.features import FeatureCache, ImageDataset, default_cache_dir, extract
-from tledge.fsutil import atomic_path, sha256_json
+from tledge.export import artefacts
+from tledge.fsutil import atomic_path, sha256_file, sha256_json
 from tledge.model import Classifier, make_head, save_checkpoint
 
 
@@ -102,6 +104,15 @@ class BNFrozen:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
+
+
+def require_finite(value: torch.Tensor | np.ndarray, what: str) -> None:
+    """NumericsError unless every number of ``value`` is finite: a NaN model is never reported as success."""
+    ok = bool(torch.isfinite(value).all()) if isinstance(value, torch.Tensor) else bool(np.isfinite(value).all())
+    if not ok:
+        raise NumericsError(f"{what} is not finite (NaN or inf); nothing was saved.",
+                            "lower --lr / --ft-lr, check the --weights file, or clear the feature cache "
+                            "(--cache-dir) if it was tampered with.")
 
 
 # ------------------------------------------------------------------------------------ resume state
@@ -179,6 +190,7 @@ def train_head(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarra
                 _set_lr(opt, _cosine(epoch * steps_per_epoch + s, total, 1.0))
                 idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
                 loss = loss_fn(head(Xtr[idx]), Ytr[idx])
+                require_finite(loss, f"the head's training loss at epoch {epoch + 1}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -314,6 +326,7 @@ def finetune(model: Classifier, spec: backbones.BackboneSpec, report: ScanReport
                 if not ok.all():
                     x, y = x[ok], y[ok]
                 loss = loss_fn(net(x), y)
+                require_finite(loss, f"the fine-tuning loss at epoch {epoch + 1}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -358,18 +371,63 @@ def _prepare_run_dir(out: Path, overwrite: bool) -> None:
         # The card goes first: if this run is interrupted, the folder must not look finished.
         card_mod.path(out).unlink()
     out.mkdir(parents=True, exist_ok=True)
+    # A new checkpoint is coming: nothing made from the old one may survive beside it (graphs, engines,
+    # calibration, bench results, the bundle).
+    gone = artefacts.invalidate(out)
+    if gone:
+        note(f"removed what the previous checkpoint in {out} had made: {', '.join(gone)}")
+
+
+def activation_bytes(net: nn.Module, size: int, probe: int = 64) -> int:
+    """Bytes of the two largest activations of one image at ``size`` px (what an inference forward pass holds
+    at its peak), measured at ``probe`` px with forward hooks and scaled by area: convolutional activations
+    grow with the square of the input size."""
+    sizes: list[int] = []
+
+    def hook(_m: nn.Module, _i: Any, o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            sizes.append(o.numel() * o.element_size())
+    leaves = [m for m in net.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.inference_mode():
+            net.eval()(torch.zeros(1, 3, probe, probe))
+    finally:
+        for h in handles:
+            h.remove()
+    top = sorted(sizes)[-2:]
+    return int(sum(top) * (size / probe) ** 2)
+
+
+def preflight(spec: backbones.BackboneSpec, pre: Any, cfg: TuneConfig) -> None:
+    """Refuse, before any work, what cannot succeed: an --unfreeze beyond the backbone's stages, and an
+    input size whose feature extraction (or fine-tuning) needs more memory than this machine has free.
+    The estimate: input batches in flight (the batch being computed plus the loaders' prefetch) plus the
+    network's peak activations; fine-tuning keeps about three times the activations for the backward pass."""
+    import psutil
+
+    net = spec.build_arch()
+    if cfg.unfreeze:
+        n = len(spec.stages(net))
+        if cfg.unfreeze > n:
+            raise UsageError(f"--unfreeze {cfg.unfreeze} is out of range: {spec.name} has {n} stages.",
+                             f"pass a number from 1 to {n}.")
+    image = int(np.prod(pre.input_shape)) * 4
+    act = activation_bytes(net, pre.crop, probe=max(64, spec.min_size))
+    in_flight = 1 + 4 * max(cfg.workers, 0)  # DataLoader prefetch_factor 4 per worker
+    need = cfg.extract_batch_size * (image * in_flight + act)
+    if cfg.unfreeze:
+        need = max(need, cfg.ft_batch_size * (image * in_flight + 3 * act))
+    free = psutil.virtual_memory().available
+    if need > 0.8 * free:
+        raise UsageError(f"--image-size {pre.crop} needs about {need / 2**30:.1f} GiB for {spec.name} at batch "
+                         f"{cfg.extract_batch_size if not cfg.unfreeze else cfg.ft_batch_size} (input batches in flight "
+                         f"and peak activations), more than the {free / 2**30:.1f} GiB free here.",
+                         f"pass a smaller --image-size (the weights' own is {spec.input_size}).")
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def maybe_interrupt(stage: str) -> None:
-    """Testing aid for the interrupt path: TLEDGE_INTERRUPT_AT=STAGE (e.g. ``finetune:2``, after that
-    epoch's checkpoint) sends this process SIGINT there, as a user's Ctrl-C at that moment would, so a
-    test does not race a fast run."""
-    if os.environ.get("TLEDGE_INTERRUPT_AT") == stage:
-        os.kill(os.getpid(), signal.SIGINT)
 
 
 def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume: bool = False,
@@ -397,6 +455,7 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
     for name, value in (("--lr", cfg.lr), ("--ft-lr", cfg.ft_lr)):
         if not value > 0:
             raise UsageError(f"{name} {value} is not a positive learning rate.", f"pass e.g. {name} 1e-3.")
+    preflight(spec, pre, cfg)
     if d.is_main:
         _prepare_run_dir(out, overwrite)
     d.barrier()
@@ -459,6 +518,7 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
             bad = set(fstat["failed_shas"])
             warn(f"{fstat['failed']} images could not be decoded any more and were skipped: "
                  + ", ".join(s.path for s in everything if s.sha256 in bad)[:2000])
+        require_finite(all_feats, "the backbone features")
         feats = {}
         n_tr = len(report.train)
         for split, part, rows in (("train", report.train, all_feats[:n_tr]), ("val", report.val, all_feats[n_tr:])):
@@ -509,8 +569,12 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
         if not d.is_main:
             d.barrier()  # rank 0 writes the run directory
             return {}
+        for name, tensor in classifier.state_dict().items():
+            if tensor.is_floating_point():
+                require_finite(tensor, f"the trained weight {name}")
         save_checkpoint(classifier, out / "checkpoint.safetensors",
                         {"backbone": spec.name, "classes": ",".join(report.classes)})
+        ckpt_sha = sha256_file(out / "checkpoint.safetensors")
         write_history_csv(out / "metrics.csv", history)
         plot_history(out / "training_curve.png", history, f"{spec.name} on {Path(data_dir).name}")
         wall = time.perf_counter() - t0
@@ -518,6 +582,7 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
             "tledge_version": tledge.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "checkpoint": "checkpoint.safetensors",
+            "checkpoint_sha256": ckpt_sha,
             "output": "logits",
             "backbone": {"name": spec.name, "family": spec.family, "feature_dim": spec.feature_dim,
                          "replaced_layer": spec.head_path, "weights": winfo},
@@ -535,6 +600,7 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
             "dataset_sha256": report.identity(),
             "versions": _versions(),
         }
+        write_index(report, out)
         card_mod.write(out, card)
         state.clear()
         d.barrier()

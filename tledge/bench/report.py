@@ -14,6 +14,8 @@ from tledge.console import out, warn
 from tledge.errors import UsageError
 from tledge.fsutil import atomic_path, read_json, write_json, write_text
 
+SCHEMA = "tledge.bench/1"
+
 CSV_COLUMNS = ["artefact", "precision", "runtime", "device", "mode", "batch", "iters", "p50_ms", "p90_ms", "p99_ms",
                "mean_ms", "std_ms", "min_ms", "max_ms", "throughput_ips", "speedup_vs_pytorch", "top1", "top5",
                "drop_points", "top1_agreement", "max_abs_logit_diff", "size_bytes"]
@@ -122,4 +124,19 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{p} does not exist.", "pass the bench.json of another run (e.g. copied from a Jetson).")
-    return read_json(p)
+    fix = "pass a bench.json written by `tledge bench`, unedited."
+    try:
+        result = read_json(p)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{p} is not valid JSON ({exc}).", fix) from None
+    if not isinstance(result, dict) or result.get("schema") != SCHEMA:
+        got = result.get("schema") if isinstance(result, dict) else type(result).__name__
+        raise UsageError(f"{p} is not a {SCHEMA} result (schema {got!r}).", fix)
+    missing = [k for k in ("machine", "results", "settings", "backbone", "input") if k not in result]
+    bad = [i for i, r in enumerate(result.get("results") or []) if not isinstance(r, dict)
+           or not {"artefact", "precision", "runtime", "device", "size_bytes", "latency", "accuracy"} <= set(r)
+           or not all(isinstance(x, dict) and {"mode", "batch", "p50_ms"} <= set(x) for x in r["latency"])]
+    if missing or not isinstance(result.get("results"), list) or bad:
+        raise UsageError(f"{p} is incomplete: " + (f"missing {', '.join(missing)}" if missing else
+                         f"results {bad[:5]} lack artefact, latency or accuracy fields"), fix)
+    return result

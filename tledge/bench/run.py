@@ -13,13 +13,13 @@ import numpy as np
 import tledge
 from tledge import card as card_mod
 from tledge.bench import latency
-from tledge.console import note
-from tledge.data import scan
+from tledge.bench.report import SCHEMA
+from tledge.console import note, warn
+from tledge.data import scan_for_run
 from tledge.errors import TledgeError
 from tledge.evalset import EvalSet, compare, run_logits
-from tledge.export.artefacts import FILES
+from tledge.export.artefacts import FILES, Lineage, engine_file, lineage
 
-SCHEMA = "tledge.bench/1"
 
 
 @dataclass
@@ -48,8 +48,9 @@ class Candidate:
     skip: str | None = None
 
 
-def candidates(run: Path, cfg: BenchConfig) -> list[Candidate]:
-    """Everything benchable in the run, with a skip reason for what this machine cannot run."""
+def candidates(run: Path, cfg: BenchConfig, lin: Lineage | None = None) -> list[Candidate]:
+    """Everything benchable in the run, with a skip reason for what this machine cannot run and for every
+    artefact that does not descend from the run's current checkpoint (``lin``, artefacts.lineage)."""
     from tledge.runtimes.base import available_runners
     from tledge.runtimes.onnxruntime import OrtRunner
     from tledge.runtimes.tensorrt import TrtRunner
@@ -74,6 +75,10 @@ def candidates(run: Path, cfg: BenchConfig) -> list[Candidate]:
         if not path.is_file():
             continue
         prec = key.split("-")[0]
+        if lin is not None and key not in lin.ok:
+            out.append(Candidate(f"onnx-{key}", prec, "onnxruntime", "cpu", lambda: None, [path],
+                                 f"{fname} refused: {lin.stale[fname]}; run `tledge export {run}` again"))
+            continue
         # the CPU INT8 form is laid out for onnxruntime's CPU kernels only
         for prov in (("cpu",) if key == "int8-cpu" else cfg.providers):
             why = None if prov in providers else (ort_why or f"onnxruntime has no {prov} execution provider here")
@@ -83,8 +88,11 @@ def candidates(run: Path, cfg: BenchConfig) -> list[Candidate]:
                                  lambda p=path, pv=prov: OrtRunner(p, pv, threads, spinning=False), files, why))
     trt_ok, trt_why = avail["tensorrt"]
     for prec in ("fp16", "int8"):
-        eng = run / f"model.{prec}.engine"
-        if eng.is_file():
+        eng = run / engine_file(prec)
+        if eng.is_file() and lin is not None and f"engine-{prec}" not in lin.ok:
+            out.append(Candidate(f"tensorrt-{prec}", prec, "tensorrt", "cuda", lambda: None, [eng],
+                                 f"{eng.name} refused: {lin.stale[eng.name]}; run `tledge export {run}` again"))
+        elif eng.is_file():
             out.append(Candidate(f"tensorrt-{prec}", prec, "tensorrt", "cuda", lambda e=eng: TrtRunner(e), [eng],
                                  None if trt_ok else trt_why))
             if cfg.cuda_graph:
@@ -125,7 +133,7 @@ def run_bench(run_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
     run = Path(run_dir)
     card = card_mod.read(run)
     pre = card_mod.preprocess_of(card)
-    rep = scan(card["dataset"]["root"], card["dataset"].get("val_fraction") or 0.2, card["dataset"].get("seed") or 0)
+    rep = scan_for_run(run, card)
     samples = rep.val[: cfg.max_images] if cfg.max_images else rep.val
     t0 = time.perf_counter()
     evalset = EvalSet(samples, pre, label="val images")
@@ -134,7 +142,11 @@ def run_bench(run_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
     skipped: list[dict[str, str]] = []
     ref: np.ndarray | None = None
     base_p50: dict[int, float] = {}
-    for cand in candidates(run, cfg):
+    lin = lineage(run, card)
+    if lin.stale:
+        warn("not benched, they do not descend from the current checkpoint: "
+             + "; ".join(f"{n} ({why})" for n, why in sorted(lin.stale.items())))
+    for cand in candidates(run, cfg, lin):
         if cand.skip:
             skipped.append({"artefact": cand.name, "runtime": cand.runtime, "reason": cand.skip})
             continue
@@ -181,6 +193,7 @@ def run_bench(run_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
         })
     evalset.close()
     return {"schema": SCHEMA, "tledge_version": tledge.__version__, "run": str(run),
+            "checkpoint_sha256": lin.checkpoint_sha256, "export_files": (lin.manifest or {}).get("files"),
             "backbone": card["backbone"]["name"], "input": card["preprocess"]["crop"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": describe(),
             "settings": {**asdict(cfg), "threads": cfg.threads or os.cpu_count(), "val_images": len(samples)},

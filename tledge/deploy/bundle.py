@@ -19,9 +19,12 @@ import tledge
 from tledge import card as card_mod
 from tledge.deploy import tledge_runtime
 from tledge.deploy.tledge_runtime import bundle_io
+from tledge.console import warn
 from tledge.errors import RunDirError
+from tledge.export import artefacts
 from tledge.export.artefacts import FILES, MANIFEST as EXPORT_MANIFEST
-from tledge.fsutil import read_json, sha256_file, write_json
+from tledge.faults import maybe_interrupt
+from tledge.fsutil import atomic_path, read_json, sha256_file, write_json
 
 RUNTIME_FILES = ("__init__.py", "__main__.py", "bundle_io.py", "classify.py", "cuda.py", "engine.py", "preprocess.py",
                  "timing.py")
@@ -47,16 +50,21 @@ def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     run = Path(run_dir)
     card = card_mod.read(run)
     exp_path = run / EXPORT_MANIFEST
-    if not exp_path.is_file() or not (run / FILES["fp32"]).is_file():
-        raise RunDirError(f"{run} has no exported graphs ({exp_path} is missing).",
+    lin = artefacts.lineage(run, card)
+    lin.require()  # every graph, engine and the calibration must descend from this checkpoint: say which not
+    if lin.manifest is None or "fp32" not in lin.ok:
+        raise RunDirError(f"{run} has no finished export ({exp_path} or {run / FILES['fp32']} is missing).",
                           f"run `tledge export {run} --fp16 --int8` first.")
-    export = read_json(exp_path)
-    need = {"int8": FILES["int8-tensorrt"], "fp16": FILES["fp16"]}.get(precision)
-    if need and not (run / need).is_file():
-        raise RunDirError(f"the bundle's default precision is {precision} but {run / need} does not exist.",
+    export = lin.manifest
+    need = {"int8": "int8-tensorrt", "fp16": "fp16"}.get(precision)
+    if need and need not in lin.ok:
+        raise RunDirError(f"the bundle's default precision is {precision} but {run / FILES[need]} does not exist.",
                           f"run `tledge export {run} --{precision}` first, or pass --precision.")
-    out = Path(out_dir) if out_dir else run / "deploy"
+    out = Path(out_dir) if out_dir else run / artefacts.BUNDLE_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
+    tar_path = out.parent / f"{out.name}.tar.gz"
+    # A bundle killed half-way leaves its hidden staging folder or archive: clean them up first.
+    artefacts.remove(sorted(out.parent.glob(f".{out.name}.*")) + sorted(out.parent.glob(f".{tar_path.name}.*")))
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         stage = Path(tmp) / out.name
         (stage / "tledge_runtime").mkdir(parents=True)
@@ -64,13 +72,13 @@ def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         for f in RUNTIME_FILES:
             shutil.copy2(src_pkg / f, stage / "tledge_runtime" / f)
         for key in ("fp32", "fp16", "int8-tensorrt", "int8-cpu"):
-            p = run / FILES[key]
-            if p.is_file():
+            p = lin.ok.get(key)
+            if p is not None:
                 shutil.copy2(p, stage / p.name)
                 if Path(str(p) + ".data").is_file():
                     shutil.copy2(str(p) + ".data", stage / (p.name + ".data"))
-        if (run / "calib" / "calibration.json").is_file():
-            shutil.copy2(run / "calib" / "calibration.json", stage / "calibration.json")
+        if "calibration" in lin.ok:
+            shutil.copy2(lin.ok["calibration"], stage / "calibration.json")
         (stage / "README.md").write_text(README.format(backbone=card["backbone"]["name"], n=len(card["classes"]),
                                                        precision=precision))
         files = {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
@@ -81,28 +89,25 @@ def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
             "output": "logits", "engine_defaults": {"precision": precision, "batch": list(batch)},
             "export": {k: _brief(v) for k, v in export.get("checks", {}).items()},
             "calibration": export.get("calibration", {}).get("key"),
-            "bench": _bench(run), "files": files,
+            "checkpoint_sha256": lin.checkpoint_sha256, "export_manifest_sha256": sha256_file(exp_path),
+            "bench": _bench(run, lin), "files": files,
         }
         write_json(stage / bundle_io.MANIFEST, manifest)
+        # The old archive goes before the new folder comes in: a crash in between leaves the new folder
+        # alone, never beside an archive of another bundle.
+        artefacts.remove([tar_path])
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)
+        maybe_interrupt("bundle:archive")
     result = {"folder": str(out), "files": len(files) + 1,
               "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file())}
     if archive:
-        tar_path = out.parent / f"{out.name}.tar.gz"
-        fd, tmp_tar = tempfile.mkstemp(prefix=f".{tar_path.name}.", dir=out.parent)
-        os.close(fd)
-        try:
-            with tarfile.open(tmp_tar, "w:gz") as tar:
-                for p in sorted(out.rglob("*")):
-                    if "__pycache__" in p.parts:
-                        continue
-                    tar.add(p, arcname=str(Path(out.name) / p.relative_to(out)), recursive=False)
-            os.replace(tmp_tar, tar_path)
-        finally:
-            if os.path.exists(tmp_tar):
-                os.unlink(tmp_tar)
+        with atomic_path(tar_path) as tmp_tar, tarfile.open(tmp_tar, "w:gz") as tar:
+            for p in sorted(out.rglob("*")):
+                if "__pycache__" in p.parts:
+                    continue
+                tar.add(p, arcname=str(Path(out.name) / p.relative_to(out)), recursive=False)
         result.update(archive=str(tar_path), archive_bytes=tar_path.stat().st_size)
     return result
 
@@ -113,11 +118,16 @@ def _brief(check: dict[str, Any]) -> dict[str, Any]:
             if k in res} | ({"kept_float": check["kept_float"]} if check.get("kept_float") else {})
 
 
-def _bench(run: Path) -> dict[str, Any] | None:
+def _bench(run: Path, lin: artefacts.Lineage) -> dict[str, Any] | None:
+    """The bench figures, when bench.json measured these very artefacts (a bench of earlier graphs is not
+    shipped: export removes it, and a copied-in one names other files or hashes)."""
     p = run / "bench.json"
     if not p.is_file():
         return None
     b = read_json(p)
+    if b.get("checkpoint_sha256") != lin.checkpoint_sha256 or b.get("export_files") != (lin.manifest or {}).get("files"):
+        warn(f"{p} was not measured on these artefacts; the bundle ships no bench figures (run `tledge bench` again)")
+        return None
     return {"machine": b["machine"].get("cpu"), "p50_ms": {f"{r['artefact']}@{lat['batch']}": lat["p50_ms"]
                                                          for r in b["results"] for lat in r["latency"]
                                                          if lat["mode"] == "model"}}

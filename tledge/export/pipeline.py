@@ -12,20 +12,17 @@ import numpy as np
 import tledge
 from tledge import card as card_mod
 from tledge.console import note, progress, warn
-from tledge.data import scan
+from tledge.data import scan_for_run
 from tledge.errors import AccuracyError, DataError
 from tledge.evalset import EvalSet, compare, run_logits
 from tledge.export import artefacts, ort
 from tledge.export import onnx as onnx_io
 from tledge.export.config import ExportConfig
-from tledge.fsutil import read_json, write_json
+from tledge.fsutil import write_json
 
 
 def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
-    import torch
-
     from tledge.export import tensorrt as trt_build
-    from tledge.model import load_classifier
 
     cfg.validate()
     run = Path(run_dir)
@@ -35,10 +32,35 @@ def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
     if want_engine and not trt_build.tensorrt_available()[0]:
         trt_build.require_tensorrt()  # explicit --engine: say why and stop before any work
     t0 = time.perf_counter()
-    manifest_path = run / artefacts.MANIFEST
-    old = read_json(manifest_path) if manifest_path.is_file() else {}
-    manifest: dict[str, Any] = {"tledge_version": tledge.__version__, "config": cfg.to_dict(), "artefacts": {},
-                                "checks": {}, "versions": _versions(), "seconds_per_stage": {}}
+    ckpt_sha = artefacts.checkpoint_sha256(run, card)
+    # Everything is written into a staging folder and swapped in at the end (artefacts.commit_export), so an
+    # interrupted export leaves the previous one whole, and no artefact of two exports is ever mixed.
+    stage = run / artefacts.STAGING
+    artefacts.remove([stage])
+    stage.mkdir()
+    try:
+        manifest = _export(run, stage, card, pre, cfg, want_engine, ckpt_sha)
+    except BaseException:
+        artefacts.remove([stage])
+        raise
+    manifest["seconds"] = round(time.perf_counter() - t0, 3)
+    write_json(stage / artefacts.MANIFEST, manifest)
+    gone = artefacts.commit_export(stage, run)
+    if gone:
+        note(f"removed {', '.join(gone)}: made from the previous export (run `tledge bench` / `tledge bundle` again)")
+    return manifest
+
+
+def _export(run: Path, stage: Path, card: dict[str, Any], pre: Any, cfg: ExportConfig, want_engine: str | None,
+            ckpt_sha: str) -> dict[str, Any]:
+    import torch
+
+    from tledge.export import tensorrt as trt_build
+    from tledge.model import load_classifier
+
+    manifest: dict[str, Any] = {"tledge_version": tledge.__version__, "checkpoint_sha256": ckpt_sha,
+                                "config": cfg.to_dict(), "artefacts": {}, "checks": {}, "versions": _versions(),
+                                "seconds_per_stage": {}}
     stage_t = time.perf_counter()
 
     def stage_done(name: str) -> None:
@@ -50,9 +72,9 @@ def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = load_classifier(run, card)
-    fp32_path = artefacts.path(run, "fp32")
+    fp32_path = artefacts.path(stage, "fp32")
     manifest["artefacts"]["fp32"] = onnx_io.file_info(onnx_io.export(model, card, fp32_path, cfg.opset))
-    rep = scan(card["dataset"]["root"], card["dataset"].get("val_fraction") or 0.2, card["dataset"].get("seed") or 0)
+    rep = scan_for_run(run, card)
     if rep.classes != card["classes"]:
         raise DataError(f"the dataset at {card['dataset']['root']} now has classes {rep.classes}, not the run's "
                         f"{card['classes']}.", "restore the dataset or tune again.")
@@ -72,14 +94,14 @@ def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
          f"{chk['top1_agreement']:.4f} on {chk['n']} val images")
     fp32 = onnx_io.load_model(fp32_path)
     if cfg.simplify:
-        fp32 = _simplified(run, fp32, fp32_path, ref, evalset, cfg, manifest)
+        fp32 = _simplified(stage, fp32, fp32_path, ref, evalset, cfg, manifest)
     stage_done("fp32")
 
     if cfg.fp16 or want_engine == "fp16":
         from tledge.export.fp16 import to_fp16
         half, info = to_fp16(fp32)
         onnx_io.set_metadata(half, {**onnx_io.metadata(card), "tledge.precision": "fp16"})
-        p = artefacts.path(run, "fp16")
+        p = artefacts.path(stage, "fp16")
         onnx_io.save_model(half, p)
         c = compare(ort.logits(half, evalset.batches(32), cfg.threads), ref, evalset.labels)
         manifest["artefacts"]["fp16"] = onnx_io.file_info([p])
@@ -90,7 +112,7 @@ def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
 
     if cfg.int8 or want_engine == "int8":
         from tledge.export.int8 import build_int8
-        section = build_int8(run, card, cfg, fp32, rep, evalset, ref)
+        section = build_int8(run, card, cfg, fp32, rep, evalset, ref, dest=stage)
         for form, info in section.pop("files").items():
             manifest["artefacts"][f"int8-{form}"] = info
             manifest["checks"][f"int8-{form}"] = section["gate"][form]
@@ -109,18 +131,15 @@ def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
         if not ok:
             manifest.setdefault("engines", {})[prec] = {"built": False, "reason": why}
             continue
-        src = artefacts.path(run, "fp16" if prec == "fp16" else "int8-tensorrt")
+        src = artefacts.path(stage, "fp16" if prec == "fp16" else "int8-tensorrt")
         e = cfg.engine
-        eng = trt_build.build_engine(src, run / artefacts.engine_file(prec), trt_build.EngineConfig(
+        eng = trt_build.build_engine(src, stage / artefacts.engine_file(prec), trt_build.EngineConfig(
             precision=prec, batch=e.batch, workspace_mib=e.workspace_mib, dla_core=e.dla_core,
             timing_cache=e.timing_cache or str(run / artefacts.TIMING_CACHE)))
         manifest.setdefault("engines", {})[prec] = {"built": True, **eng}
     if engines:
         stage_done("engines")
-    manifest["seconds"] = round(time.perf_counter() - t0, 3)
-    if old.get("engines") and "engines" not in manifest:
-        manifest["engines"] = old["engines"]
-    write_json(manifest_path, manifest)
+    manifest["files"] = artefacts.staged_files(stage)
     return manifest
 
 

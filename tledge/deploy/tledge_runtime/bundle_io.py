@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import gzip
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -65,27 +67,39 @@ def _safe_name(name: str) -> PurePosixPath:
 def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Extract a bundle .tar.gz into ``dest`` after checking every member; returns the bundle folder."""
     dest_p = Path(dest).resolve()
-    with tarfile.open(archive, "r:*") as tar:
-        members = tar.getmembers()
-        for m in members:
-            _safe_name(m.name)
-            if not (m.isfile() or m.isdir()):
-                raise BundleError(f"archive member {m.name!r} is a {'link' if m.issym() or m.islnk() else 'special file'}; "
-                                  "bundles hold only files and folders. Refusing to extract.")
-            target = (dest_p / m.name).resolve()
-            if dest_p != target and dest_p not in target.parents:
-                raise BundleError(f"archive member {m.name!r} resolves outside {dest_p}; refusing to extract.")
-        dest_p.mkdir(parents=True, exist_ok=True)
-        for m in members:
-            target = dest_p / m.name
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = tar.extractfile(m)
-            assert src is not None
-            with open(target, "wb") as f:
-                while block := src.read(1 << 20):
-                    f.write(block)
+    if not Path(archive).is_file():
+        raise BundleError(f"{archive} does not exist or is not a file: pass the deploy.tar.gz that `tledge bundle` wrote.")
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            return _extract(tar, dest_p)
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise BundleError(f"{archive} is not a complete bundle archive ({type(exc).__name__}: {exc}): it is damaged "
+                          "or was copied incompletely. Copy deploy.tar.gz again (compare its SHA-256 with the "
+                          "original's).") from None
+
+
+def _extract(tar: tarfile.TarFile, dest_p: Path) -> Path:
+    """Check every member (before anything is written), then write them."""
+    members = tar.getmembers()
+    for m in members:
+        _safe_name(m.name)
+        if not (m.isfile() or m.isdir()):
+            raise BundleError(f"archive member {m.name!r} is a {'link' if m.issym() or m.islnk() else 'special file'}; "
+                              "bundles hold only files and folders. Refusing to extract.")
+        target = (dest_p / m.name).resolve()
+        if dest_p != target and dest_p not in target.parents:
+            raise BundleError(f"archive member {m.name!r} resolves outside {dest_p}; refusing to extract.")
+    dest_p.mkdir(parents=True, exist_ok=True)
+    for m in members:
+        target = dest_p / m.name
+        if m.isdir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        src = tar.extractfile(m)
+        assert src is not None
+        with open(target, "wb") as f:
+            while block := src.read(1 << 20):
+                f.write(block)
     tops = {PurePosixPath(m.name).parts[0] for m in members if m.name}
     return dest_p / tops.pop() if len(tops) == 1 else dest_p

@@ -23,12 +23,13 @@ from tledge.fsutil import write_json
 
 
 def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, rep: Any, evalset: EvalSet,
-               ref: np.ndarray, plan: Plan | None = None) -> dict[str, Any]:
-    """Run the plan, gate each form on val, write the INT8 graphs and calib/calibration.json. Returns the
+               ref: np.ndarray, plan: Plan | None = None, dest: Path | None = None) -> dict[str, Any]:
+    """Run the plan, gate each form on val, write the INT8 graphs and calib/calibration.json into ``dest``
+    (default ``run``; the export passes its staging folder; statistics stay cached under ``run``). Returns the
     manifest's ``int8`` section: the plan, every pass record, per form the kept recipe and the gate."""
     plan = plan or Plan.default()
     pre = card_mod.preprocess_of(card)
-    samples, where = calibration_samples(card, cfg.calib, rep.val)
+    samples, where = calibration_samples(card, cfg.calib, rep)
     note(f"calibration: {len(samples)} images from {where}")
     with EvalSet(samples, pre, label="calibration images") as calib:
         x = np.array(calib.x)
@@ -54,7 +55,7 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
                                         f"quantization: {problems[:3]}", "report this bug.")
             onnx_io.set_metadata(q, {**onnx_io.metadata(card), "tledge.precision": f"int8-{form}",
                                      "tledge.calibration": calib_rec["key"]})
-            p = Path(run) / artefacts.int8_file(form)
+            p = Path(dest or run) / artefacts.int8_file(form)
             onnx_io.save_model(q, p)
             files[form] = onnx_io.file_info([p])
             section["forms"][form] = record
@@ -63,7 +64,7 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
     finally:
         if "train" in ctx.cache:
             ctx.cache["train"].close()
-    write_json(Path(run) / artefacts.CALIBRATION, {"key": calib_rec["key"], "source": where, "images": len(samples),
+    write_json(Path(dest or run) / artefacts.CALIBRATION, {"key": calib_rec["key"], "source": where, "images": len(samples),
                                                    "percentile": cfg.calib.percentile, "forms": ranges})
     section["calibration"] = {**calib_rec, "source": where}
     section["files"] = files

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tledge.data import IMAGE_EXTS, Sample, scan, stratified_split
+from tledge.data import IMAGE_EXTS, Sample, ScanReport, stratified_split
 from tledge.errors import DataError
 from tledge.export.config import CalibConfig
 
@@ -18,8 +18,10 @@ def image_files(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
 
 
-def calibration_samples(card: dict[str, Any], cfg: CalibConfig, val: Sequence[Sample]) -> tuple[list[Sample], str]:
-    """The calibration images and a description of where they came from; never the val split."""
+def calibration_samples(card: dict[str, Any], cfg: CalibConfig, rep: ScanReport) -> tuple[list[Sample], str]:
+    """The calibration images and a description of where they came from (``rep``: the run's checked
+    dataset); never the val split."""
+    val: Sequence[Sample] = rep.val
 
     def from_folder(folder: Path) -> list[Sample]:
         files = image_files(folder)
@@ -33,8 +35,6 @@ def calibration_samples(card: dict[str, Any], cfg: CalibConfig, val: Sequence[Sa
         shipped = REPO_CALIBRATION / Path(card["dataset"]["root"]).name
         src = str(shipped) if shipped.is_dir() else "train"
     if src == "train":
-        rep = scan(card["dataset"]["root"], card["dataset"].get("val_fraction") or 0.2,
-                   card["dataset"].get("seed") or 0)
         frac = min(0.999, cfg.count / max(1, len(rep.train)))
         pool = rep.train if frac >= 0.999 else stratified_split(rep.train, frac, 1234)[1]
         samples, where = pool, f"stratified sample of the training split of {card['dataset']['root']}"
