@@ -53,7 +53,7 @@ def scratch_dir(prefix: str) -> "tempfile.TemporaryDirectory[str]":
     host = socket.gethostname().replace("-", "_")
     for old in root.glob(f"{prefix}-{host}-*"):
         try:
-            pid = int(old.name.split("-")[2])
+            pid = int(old.name[len(prefix) + len(host) + 2:].split("-")[0])
         except (IndexError, ValueError):
             continue
         if pid != os.getpid() and not _alive(pid):
