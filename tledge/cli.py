@@ -150,8 +150,10 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @click.option("--no-head-refit", is_flag=True, help="INT8: keep the FP32 head instead of re-fitting it on INT8 features.")
 @click.option("--refit-count", type=click.IntRange(1), default=2000, show_default=True,
               help="INT8 head refit: training images used (stratified).")
-@click.option("--refit-distill", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="INT8 head refit: weight of distillation from the FP32 logits (the rest: the labels).")
+@click.option("--refit-distill", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="INT8 head refit: weight of distillation from the FP32 logits (the rest: the labels). 1 makes "
+                   "the INT8 model reproduce the FP32 model it quantizes; lower values also train the head further "
+                   "on the labels, which mixes a better head into the INT8 figure.")
 @click.option("--escalate", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="INT8: run the expensive passes (learned rounding, empirical bias correction) when the cheap "
                    "recipe misses --target-agreement (auto), always (on) or never (off).")
@@ -200,7 +202,9 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
     for name, art in m["artefacts"].items():
         chk = m["checks"].get(name, {})
         res = chk.get("final", chk)
-        acc = f"val top-1 {res['top1']:.4f} (drop {res['drop_points']:.2f} pt)" if "top1" in res else ""
+        acc = (f"val top-1 {res['top1']:.4f} (drop {res['drop_points']:.2f} pt, agreement with FP32 "
+               f"{res['top1_agreement']:.2%})" if "top1_agreement" in res else
+               f"val top-1 {res['top1']:.4f} (drop {res['drop_points']:.2f} pt)" if "top1" in res else "")
         click.echo(f"{name:<14} {', '.join(art['files']):<28} {art['bytes'] / 1e6:7.2f} MB  {acc}")
     for prec, e in m.get("engines", {}).items():
         click.echo(f"engine {prec:<7} " + (e["engine"] if e.get("built") else "not built here (built on the device)"))

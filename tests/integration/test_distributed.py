@@ -61,8 +61,9 @@ def test_two_ranks_match_one_and_share_the_cache(tmp_path: Path) -> None:
     n = two["metrics"]["val"]["n"]
     assert abs(two["metrics"]["val"]["top1"] - one["metrics"]["val"]["top1"]) * n <= 1.0
     # only rank 0 wrote: one set of artefacts, no stray temporary files
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint.safetensors", "metrics.csv",
-                                                                      "model_card.json", "training_curve.png"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint.safetensors", "dataset_index.json",
+                                                                      "metrics.csv", "model_card.json",
+                                                                      "training_curve.png"]
     # the cache written by 2 ranks is read back by 1
     r = _single(data, tmp_path / "reuse", tmp_path / "cache2")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -38,14 +38,15 @@ def table(result: dict[str, Any]) -> Table:
     t = Table(title=f"tledge bench: {result['backbone']} @ {result['input']} px, {result['settings']['val_images']} val "
                     f"images, {result['machine']['cpu']} ({result['settings']['threads']} threads)")
     for col in ("artefact", "precision", "runtime", "batch", "p50 ms", "p99 ms", "img/s", "speed-up", "e2e p50 ms",
-                "top-1", "drop pt"):
+                "top-1", "drop pt", "agree"):
         t.add_column(col, justify="left" if col in ("artefact", "precision", "runtime") else "right")
     e2e = {(r["artefact"], r["batch"]): r for r in rows(result, "end_to_end")}
     for r in rows(result, "model"):
         e = e2e.get((r["artefact"], r["batch"]))
         t.add_row(r["artefact"], r["precision"], r["runtime"], str(r["batch"]), f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
                   f"{r['throughput_ips']:.0f}", f"{r.get('speedup_vs_pytorch', float('nan')):.2f}x",
-                  f"{e['p50_ms']:.2f}" if e else "-", f"{r['top1']:.4f}", f"{r['drop_points']:+.2f}")
+                  f"{e['p50_ms']:.2f}" if e else "-", f"{r['top1']:.4f}", f"{r['drop_points']:+.2f}",
+                  f"{r['top1_agreement']:.1%}")
     return t
 
 
