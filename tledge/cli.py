@@ -167,7 +167,9 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
               help="INT8: learn the rounding of at most this many layers, those nearest rounding costs most first.")
 @click.option("--engine", type=click.Choice(["fp16", "int8"]), default=None,
               help="Build this TensorRT engine (fails without TensorRT).")
-@click.option("--batch", default="1,8,32", show_default=True, help="Engine batch profile min,opt,max.")
+@click.option("--batch", default="1,1,32", show_default=True,
+              help="Engine batch profile min,opt,max (TensorRT tunes its kernels for opt: batch 1, the usual "
+                   "Jetson case, by default).")
 @click.option("--workspace", type=int, default=1024, show_default=True, help="Engine workspace limit (MiB).")
 @click.option("--dla-core", type=int, default=None, help="Build for this DLA core (Jetson), GPU fallback on.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
@@ -264,7 +266,9 @@ def compare_cmd(a: Path, b: Path) -> None:
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Bundle folder (default RUN/deploy).")
 @click.option("--precision", type=click.Choice(["int8", "fp16"]), default="int8", show_default=True,
               help="The engine precision the device builds by default.")
-@click.option("--batch", default="1,8,32", show_default=True, help="Engine batch profile min,opt,max.")
+@click.option("--batch", default="1,1,32", show_default=True,
+              help="Engine batch profile min,opt,max (TensorRT tunes its kernels for opt: batch 1, the usual "
+                   "Jetson case, by default).")
 @click.option("--no-archive", is_flag=True, help="Write the folder only, no .tar.gz.")
 @_handle_errors
 def bundle(run: Path, out: Path | None, precision: str, batch: str, no_archive: bool) -> None:

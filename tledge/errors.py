@@ -40,6 +40,18 @@ class NumericsError(TledgeError):
     """Training or a cached input produced non-finite numbers (NaN, inf): never saved as a model."""
 
 
+class GpuError(TledgeError):
+    """CUDA or TensorRT failed while loading or running an engine (the message names the file and why)."""
+
+
+class EngineMismatch(GpuError):
+    """An engine built for another TensorRT version or GPU."""
+
+
+class EngineBuildError(GpuError):
+    """Building a TensorRT engine failed (the message says why)."""
+
+
 class AccuracyError(TledgeError):
     """An exported artefact does not keep the accuracy it promised."""
 

@@ -3,7 +3,6 @@ checks, and the TensorRT path's behaviour without TensorRT."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -168,32 +167,6 @@ def test_cli_int8_without_tensorrt_ends_in_graphs_and_a_note(run: Path) -> None:
 
 # ---------------------------------------------------------------- TensorRT builder logic, by capability
 
-def _fake_trt(*, strongly: bool, explicit_batch: bool, flags: tuple[str, ...]) -> SimpleNamespace:
-    ndcf = SimpleNamespace(**({"STRONGLY_TYPED": 1} if strongly else {}),
-                           **({"EXPLICIT_BATCH": 0} if explicit_batch else {}))
-    return SimpleNamespace(NetworkDefinitionCreationFlag=ndcf, BuilderFlag=SimpleNamespace(**{f: f for f in flags}))
-
-
-def test_trt_8x_sets_explicit_batch_and_precision_flags() -> None:
-    trt = _fake_trt(strongly=False, explicit_batch=True, flags=("FP16", "INT8"))
-    assert trtb.network_flags(trt) == (1, False)
-    assert trtb.precision_flags(trt, "int8", False) == ["INT8"]
-    assert trtb.precision_flags(trt, "fp16", False) == ["FP16"]
-
-
-@pytest.mark.parametrize("flags", [("FP16", "INT8"), ()])  # 10.x keeps the flags, 11.x has none
-def test_trt_10_and_11_are_strongly_typed_without_flags(flags: tuple[str, ...]) -> None:
-    trt = _fake_trt(strongly=True, explicit_batch=bool(flags), flags=flags)
-    fl, strongly = trtb.network_flags(trt)
-    assert strongly and fl == 1 << 1
-    assert trtb.precision_flags(trt, "int8", strongly) == []
-
-
-def test_trt_without_either_capability_is_refused() -> None:
-    with pytest.raises(trtb.EngineBuildError, match="8.5 or newer"):
-        trtb.precision_flags(_fake_trt(strongly=False, explicit_batch=True, flags=()), "int8", False)
-
-
 def test_parse_batch() -> None:
     assert trtb.parse_batch("1,8,32") == (1, 8, 32) and trtb.parse_batch("4") == (4, 4, 4)
     with pytest.raises(Exception, match="min,opt,max"):
@@ -205,18 +178,6 @@ def test_require_tensorrt_names_jetpack() -> None:
         pytest.skip("TensorRT is present")
     with pytest.raises(MissingDependency, match="JetPack"):
         trtb.require_tensorrt()
-
-
-def test_engine_mismatch_messages() -> None:
-    from tledge.deploy.tledge_runtime.engine import compatibility_problems
-    side = {"fingerprint": {"tensorrt": "8.6.2", "gpu": "Orin", "compute_capability": "8.7"}}
-    here = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7"}
-    assert compatibility_problems(side, here) == ["built with TensorRT 8.6.2, this machine has 10.3.0"]
-    assert compatibility_problems(side, {**here, "tensorrt": "8.6.2"}) == []
-    from tledge.runtimes.tensorrt import TrtRunner
-    with pytest.raises(Exception, match="TensorRT"):  # without TensorRT: the one-line missing-dependency error
-        TrtRunner("model.int8.engine").activate()
-    assert "compute capability 8.7" in compatibility_problems(side, {**here, "tensorrt": "8.6.2", "compute_capability": "7.2"})[0]
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -19,6 +19,7 @@ import tledge
 from tledge import card as card_mod
 from tledge.deploy import tledge_runtime
 from tledge.deploy.tledge_runtime import bundle_io
+from tledge.deploy.tledge_runtime.engine import DEFAULT_PROFILE
 from tledge.console import warn
 from tledge.errors import RunDirError
 from tledge.export import artefacts
@@ -45,7 +46,7 @@ On a Jetson in a virtual environment, create it with --system-site-packages to s
 
 
 def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, precision: str = "int8",
-                batch: tuple[int, int, int] = (1, 8, 32), archive: bool = True) -> dict[str, Any]:
+                batch: tuple[int, int, int] = DEFAULT_PROFILE, archive: bool = True) -> dict[str, Any]:
     """Write the bundle folder atomically (built aside, then renamed) and optionally its .tar.gz."""
     run = Path(run_dir)
     card = card_mod.read(run)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tledge.deploy.tledge_runtime.engine import DEFAULT_PROFILE
 from tledge.errors import UsageError
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -56,7 +57,7 @@ class GateConfig:
 class EngineOptions:
     engine: str | None = None           # None | fp16 | int8 (explicit: fail without TensorRT)
     auto_engine: bool = True            # build engines for the asked precisions when TensorRT is here
-    batch: tuple[int, int, int] = (1, 8, 32)
+    batch: tuple[int, int, int] = DEFAULT_PROFILE
     workspace_mib: int = 1024
     dla_core: int | None = None
     timing_cache: str | None = None

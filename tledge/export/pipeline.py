@@ -135,7 +135,7 @@ def _export(run: Path, stage: Path, card: dict[str, Any], pre: Any, cfg: ExportC
         e = cfg.engine
         eng = trt_build.build_engine(src, stage / artefacts.engine_file(prec), trt_build.EngineConfig(
             precision=prec, batch=e.batch, workspace_mib=e.workspace_mib, dla_core=e.dla_core,
-            timing_cache=e.timing_cache or str(run / artefacts.TIMING_CACHE)))
+            timing_cache=e.timing_cache or str(run / artefacts.timing_cache_file(trt_build.fingerprint_key()))))
         manifest.setdefault("engines", {})[prec] = {"built": True, **eng}
     if engines:
         stage_done("engines")

@@ -11,7 +11,7 @@ from typing import Any
 
 from tledge.deploy.tledge_runtime import engine as rt
 from tledge.deps import optional_import
-from tledge.errors import MissingDependency, TledgeError, UsageError
+from tledge.errors import EngineBuildError, MissingDependency, UsageError
 from tledge.fsutil import read_json, write_json
 
 TRT_HINT = rt.TRT_HINT
@@ -21,17 +21,18 @@ fingerprint = rt.fingerprint
 tensorrt_available = rt.tensorrt_available
 
 
+def fingerprint_key() -> str:
+    """This machine's device fingerprint key (TensorRT version, GPU, compute capability, SM count, L4T)."""
+    return rt.fingerprint_key(rt.fingerprint(optional_import("tensorrt", TRT_HINT)))
+
+
 @dataclass
 class EngineConfig:
     precision: str                         # fp16 | int8
-    batch: tuple[int, int, int] = (1, 8, 32)
+    batch: tuple[int, int, int] = rt.DEFAULT_PROFILE
     workspace_mib: int = 1024
     dla_core: int | None = None
     timing_cache: str | None = None
-
-
-class EngineBuildError(TledgeError):
-    pass
 
 
 def require_tensorrt() -> Any:
@@ -69,7 +70,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, c
     try:
         sidecar = rt.build(onnx_path, engine_path, cfg.precision, cfg.batch, cfg.workspace_mib, cfg.dla_core,
                            cfg.timing_cache)
-    except rt.EngineError as exc:
+    except (rt.EngineError, rt.cuda.CudaError) as exc:
         raise EngineBuildError(str(exc), "see the TensorRT messages above; `tledge export --help` lists the options.") from exc
     side_path = Path(str(engine_path) + ".json")
     sidecar = {**read_json(side_path), "config": asdict(cfg)}

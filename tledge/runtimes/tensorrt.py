@@ -10,12 +10,8 @@ from typing import Any
 import numpy as np
 
 from tledge.deploy.tledge_runtime import engine as rt
-from tledge.errors import TledgeError
+from tledge.errors import EngineMismatch, GpuError
 from tledge.runtimes.base import Runner, register_runner
-
-
-class EngineMismatch(TledgeError):
-    """An engine built for another TensorRT version or GPU."""
 
 
 class TrtRunner(Runner):
@@ -35,10 +31,18 @@ class TrtRunner(Runner):
         except rt.EngineMismatch as exc:
             raise EngineMismatch(str(exc), "rebuild it here: `tledge export RUN --engine ...`, or "
                                  "`python3 -m tledge_runtime build` in the bundle.") from exc
+        except (rt.EngineError, rt.cuda.CudaError) as exc:
+            raise GpuError(f"{self.path.name}: {exc}", "see the message; `tledge bench` skips this row.") from exc
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         assert self.engine is not None
-        return self.engine.infer(x)
+        try:
+            return self.engine.infer(x)
+        except (rt.EngineError, rt.cuda.CudaError) as exc:
+            raise GpuError(f"{self.path.name}: {exc}", "see the message; `tledge bench` skips this row.") from exc
+
+    def device_times_ms(self) -> list[float]:
+        return list(self.engine.device_ms) if self.engine is not None else []
 
     def synchronize(self) -> None:
         if self.engine is not None:
@@ -46,8 +50,10 @@ class TrtRunner(Runner):
 
     def deactivate(self) -> None:
         if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+            try:
+                self.engine.close()
+            finally:
+                self.engine = None
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"runner": self.name, "device": "cuda", "engine": self.path.name, "cuda_graph": self.cuda_graph,

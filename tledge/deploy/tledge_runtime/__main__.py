@@ -25,11 +25,9 @@ def bundle_root(arg: str | None) -> Path:
 
 
 def engine_dir(root: Path, fp: dict[str, Any]) -> Path:
-    """engines/<key>: one folder per device fingerprint, so a foreign or stale engine is never loaded."""
-    import hashlib
-    key = hashlib.sha256(json.dumps({k: fp.get(k) for k in ("tensorrt", "gpu", "compute_capability", "l4t")},
-                                    sort_keys=True).encode()).hexdigest()[:12]
-    return root / "engines" / key
+    """engines/<key>: one folder per device fingerprint (TensorRT, GPU, compute capability, SM count, L4T),
+    with its own timing cache, so a foreign or stale engine or cache is never loaded."""
+    return root / "engines" / engine.fingerprint_key(fp)
 
 
 def engine_path(root: Path, precision: str, fp: dict[str, Any]) -> Path:
@@ -37,9 +35,10 @@ def engine_path(root: Path, precision: str, fp: dict[str, Any]) -> Path:
 
 
 def engine_status(dest: Path, manifest: dict[str, Any], precision: str, batch: Sequence[int], dla_core: int | None,
-                  fp: dict[str, Any]) -> tuple[bool, str]:
+                  fp: dict[str, Any], recipe_sha: str | None = None) -> tuple[bool, str]:
     """(reusable, why): an engine is reused only when it was built here from this bundle's graph with these
-    options; anything else (missing, foreign device, other TensorRT, other graph or profile) is rebuilt."""
+    options (``recipe_sha``: engine.recipe_sha256 of the wanted build); anything else (missing, foreign
+    device, other TensorRT, other graph, profile or build recipe) is rebuilt."""
     side = Path(str(dest) + ".json")
     if not dest.is_file() or not side.is_file():
         return False, "no engine for this device yet"
@@ -55,7 +54,16 @@ def engine_status(dest: Path, manifest: dict[str, Any], precision: str, batch: S
     prof = sc.get("profile", {})
     if [prof.get("min"), prof.get("opt"), prof.get("max")] != list(batch) or sc.get("dla_core") != dla_core:
         return False, "it was built with another batch profile or DLA setting"
+    if recipe_sha is not None and sc.get("recipe_sha256") != recipe_sha:
+        return False, "it was built with another build recipe (TensorRT, precision flags, workspace or profile)"
+    if sc.get("engine_sha256") and sc["engine_sha256"] != bundle_io.sha256(dest):
+        return False, "the engine file differs from the one its sidecar describes"
     return True, "built for this device from this graph"
+
+
+def wanted_recipe(trt: Any, precision: str, batch: Sequence[int], workspace: int, dla_core: int | None) -> str:
+    _, strongly = engine.network_flags(trt)
+    return engine.recipe_sha256(engine.recipe(trt, precision, strongly, tuple(batch), workspace, dla_core))
 
 
 def build(root: Path, manifest: dict[str, Any], precision: str, batch: tuple[int, int, int], dla_core: int | None,
@@ -63,7 +71,8 @@ def build(root: Path, manifest: dict[str, Any], precision: str, batch: tuple[int
     trt = engine.import_tensorrt()
     fp = engine.fingerprint(trt)
     dest = engine_path(root, precision, fp)
-    ok, why = engine_status(dest, manifest, precision, batch, dla_core, fp)
+    ok, why = engine_status(dest, manifest, precision, batch, dla_core, fp,
+                            wanted_recipe(trt, precision, batch, workspace, dla_core))
     if ok and not force:
         print(f"engine for this device already built: {dest}")
         return dest
@@ -110,11 +119,10 @@ def open_model(root: Path, manifest: dict[str, Any], backend: str, precision: st
         if prec == "fp32":
             raise engine.EngineError("tledge bundles build fp16 or int8 engines; use --precision fp16|int8, or "
                                      "--backend onnxruntime for fp32")
-        fp = engine.fingerprint(engine.import_tensorrt())
-        path = engine_path(root, prec, fp)
-        if not path.is_file():
-            b = manifest.get("engine_defaults", {}).get("batch", [1, 8, 32])
-            build(root, manifest, prec, tuple(b), None, 1024, False)
+        # build() reuses the engine only when it matches this bundle's graph, the bundle's batch profile and
+        # recipe and this device (a stale engine, e.g. from `build --batch 1,1,8`, is rebuilt, not loaded)
+        b = manifest.get("engine_defaults", {}).get("batch", list(engine.DEFAULT_PROFILE))
+        path = build(root, manifest, prec, tuple(b), None, 1024, False)
         return engine.TrtEngine(path), f"TensorRT {prec} engine {path.relative_to(root)}"
     prec = precision
     if prec == "int8":
@@ -228,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ok: {len(manifest['files'])} files match {bundle_io.MANIFEST}")
         elif args.cmd == "build":
             d = manifest.get("engine_defaults", {})
-            build(root, manifest, args.precision or d.get("precision", "int8"), args.batch or tuple(d.get("batch", (1, 8, 32))),
+            build(root, manifest, args.precision or d.get("precision", "int8"), args.batch or tuple(d.get("batch", engine.DEFAULT_PROFILE)),
                   args.dla_core, args.workspace, args.force)
         elif args.cmd == "predict":
             args.precision = args.precision or default_prec
@@ -236,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.cmd == "bench":
             args.precision = args.precision or default_prec
             cmd_bench(args, root, manifest)
-    except (bundle_io.BundleError, engine.EngineError, InputError) as exc:
+    except (bundle_io.BundleError, engine.EngineError, engine.cuda.CudaError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

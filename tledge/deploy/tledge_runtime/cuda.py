@@ -54,10 +54,13 @@ def device_info(index: int = 0) -> dict[str, Any]:
     major, minor = ctypes.c_int(), ctypes.c_int()
     _check(cu.cuDeviceGetAttribute(ctypes.byref(major), 75, dev), "cuDeviceGetAttribute(major)")
     _check(cu.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev), "cuDeviceGetAttribute(minor)")
+    sms = ctypes.c_int()
+    # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: Orin Nano and AGX Orin share compute capability 8.7
+    _check(cu.cuDeviceGetAttribute(ctypes.byref(sms), 16, dev), "cuDeviceGetAttribute(multiprocessors)")
     ver = ctypes.c_int()
     cu.cuDriverGetVersion(ctypes.byref(ver))
     return {"gpu": name.value.decode(), "compute_capability": f"{major.value}.{minor.value}",
-            "cuda_driver": f"{ver.value // 1000}.{(ver.value % 1000) // 10}"}
+            "sm_count": sms.value, "cuda_driver": f"{ver.value // 1000}.{(ver.value % 1000) // 10}"}
 
 
 def l4t_release() -> str | None:
@@ -89,6 +92,51 @@ class DeviceBuffer:
         if self.ptr:
             self.rt.cudaFree(self.ptr)
             self.ptr = ctypes.c_void_p()
+
+
+class HostBuffer:
+    """Page-locked host memory (cudaHostAlloc) as a numpy array: copies from it are truly asynchronous and
+    faster than from pageable memory, and can be captured in a CUDA graph."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
+        import numpy as np
+        self.rt = _load("cudart")
+        self.ptr = ctypes.c_void_p()
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        _check(self.rt.cudaHostAlloc(ctypes.byref(self.ptr), ctypes.c_size_t(max(nbytes, 1)), 0), "cudaHostAlloc")
+        buf = (ctypes.c_byte * max(nbytes, 1)).from_address(self.ptr.value)
+        self.array = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def close(self) -> None:
+        if self.ptr:
+            self.array = None
+            self.rt.cudaFreeHost(self.ptr)
+            self.ptr = ctypes.c_void_p()
+
+
+class Event:
+    """A CUDA event; ``elapsed_ms(start, end)`` is the device time between two recorded events (what trtexec
+    reports as "GPU Compute Time" when they bracket the enqueue)."""
+
+    def __init__(self) -> None:
+        self.rt = _load("cudart")
+        self.handle = ctypes.c_void_p()
+        _check(self.rt.cudaEventCreate(ctypes.byref(self.handle)), "cudaEventCreate")
+
+    def record(self, stream: "Stream") -> None:
+        _check(self.rt.cudaEventRecord(self.handle, stream.handle), "cudaEventRecord")
+
+    @staticmethod
+    def elapsed_ms(start: "Event", end: "Event") -> float:
+        ms = ctypes.c_float()
+        _check(start.rt.cudaEventSynchronize(end.handle), "cudaEventSynchronize")
+        _check(start.rt.cudaEventElapsedTime(ctypes.byref(ms), start.handle, end.handle), "cudaEventElapsedTime")
+        return float(ms.value)
+
+    def close(self) -> None:
+        if self.handle:
+            self.rt.cudaEventDestroy(self.handle)
+            self.handle = ctypes.c_void_p()
 
 
 class Stream:
@@ -123,17 +171,29 @@ class Graph:
     def __init__(self, stream: Stream) -> None:
         self.rt, self.stream = _load("cudart"), stream
         self.graph, self.exec = ctypes.c_void_p(), ctypes.c_void_p()
+        self.capturing = False
 
     def begin(self) -> None:
         _check(self.rt.cudaStreamBeginCapture(self.stream.handle, self.THREAD_LOCAL), "cudaStreamBeginCapture")
+        self.capturing = True
 
     def end(self) -> None:
+        self.capturing = False
         _check(self.rt.cudaStreamEndCapture(self.stream.handle, ctypes.byref(self.graph)), "cudaStreamEndCapture")
         _check(self.rt.cudaGraphInstantiateWithFlags(ctypes.byref(self.exec), self.graph, ctypes.c_ulonglong(0)),
                "cudaGraphInstantiateWithFlags")
 
     def launch(self) -> None:
         _check(self.rt.cudaGraphLaunch(self.exec, self.stream.handle), "cudaGraphLaunch")
+
+    def abort(self) -> None:
+        """After a failed capture: leave capture mode (else the stream stays unusable), clear the error it left,
+        and free whatever was made."""
+        if self.capturing:
+            self.capturing = False
+            self.rt.cudaStreamEndCapture(self.stream.handle, ctypes.byref(self.graph))
+        self.rt.cudaGetLastError()
+        self.close()
 
     def close(self) -> None:
         if self.exec:
