@@ -270,17 +270,31 @@ def compare_cmd(a: Path, b: Path) -> None:
               help="Engine batch profile min,opt,max (TensorRT tunes its kernels for opt: batch 1, the usual "
                    "Jetson case, by default).")
 @click.option("--no-archive", is_flag=True, help="Write the folder only, no .tar.gz.")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
+              help="Sign bundle.json with this ed25519 private key (`tledge bundle-keygen`); the device checks it "
+                   "with `python3 -m tledge_runtime --key NAME.pub ...`.")
 @_handle_errors
-def bundle(run: Path, out: Path | None, precision: str, batch: str, no_archive: bool) -> None:
+def bundle(run: Path, out: Path | None, precision: str, batch: str, no_archive: bool, sign_key: Path | None) -> None:
     """Write a self-contained deploy bundle (folder + .tar.gz) for a Jetson: no PyTorch needed there."""
     from tledge.deploy.bundle import make_bundle
     from tledge.export.tensorrt import parse_batch
 
-    r = make_bundle(run, out, precision, parse_batch(batch), archive=not no_archive)
+    r = make_bundle(run, out, precision, parse_batch(batch), archive=not no_archive, sign=sign_key)
     click.echo(f"bundle {r['folder']} ({r['files']} files, {r['bytes'] / 1e6:.1f} MB)"
                + (f"; archive {r['archive']} ({r['archive_bytes'] / 1e6:.1f} MB)" if "archive" in r else ""))
     click.echo(f"on the device: tar xzf {Path(r.get('archive', r['folder'])).name} && cd {Path(r['folder']).name} && "
                "python3 -m tledge_runtime build && python3 -m tledge_runtime predict IMAGES")
+
+
+@main.command("bundle-keygen")
+@click.argument("name", type=click.Path(path_type=Path))
+@_handle_errors
+def bundle_keygen(name: Path) -> None:
+    """Make an ed25519 key pair for signed bundles: NAME.key (private, 0600) and NAME.pub (for the devices)."""
+    from tledge.deploy.bundle import keygen
+    priv, pub = keygen(name)
+    click.echo(f"wrote {priv} (keep it private: `tledge bundle RUN --sign {priv}`) and {pub} (copy it to the "
+               f"devices: `python3 -m tledge_runtime --key {pub.name} verify`)")
 
 
 @main.command("backbones")

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from tledge import backbones
-from tledge.errors import RunDirError
 
 
 class Classifier(nn.Module):
@@ -69,12 +68,12 @@ def load_classifier(run_dir: str | os.PathLike, card: dict[str, Any] | None = No
 
     from tledge import card as card_mod
 
+    from tledge.export.artefacts import checkpoint_sha256
+
     run = Path(run_dir)
     card = card or card_mod.read(run)
     ckpt = run / card.get("checkpoint", "checkpoint.safetensors")
-    if not ckpt.is_file():
-        raise RunDirError(f"{ckpt} is missing although {run / 'model_card.json'} exists.",
-                          f"run `tledge tune` again with --out {run} --overwrite.")
+    checkpoint_sha256(run, card)  # missing, or not the file the card describes: a clear error naming it
     model = build_classifier(card)
     model.load_state_dict(load_file(str(ckpt)), strict=True)
     return model.eval()

@@ -139,3 +139,34 @@ def _umask() -> int:
     u = os.umask(0)
     os.umask(u)
     return u
+
+
+def test_signed_bundle_detects_a_file_changed_together_with_its_hash(exported: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """Issue 15 item 10: a hash list cannot detect a file changed together with its hash (an edited
+    tledge_runtime/classify.py ran); a signed bundle.json can."""
+    import json
+
+    from tledge.deploy.bundle import keygen
+    from tledge.deploy.tledge_runtime.__main__ import main as runtime_main
+
+    run = copy_run(exported, tmp_path / "run")
+    priv, pub = keygen(tmp_path / "fleet")
+    assert oct(priv.stat().st_mode & 0o777) == "0o600"
+    res = make_bundle(run, sign=priv, archive=False)
+    folder = Path(res["folder"])
+    assert res["signed"] and runtime_main(["--bundle", str(folder), "--key", str(pub), "verify"]) == 0
+    assert "signed by" in capsys.readouterr().out
+    evil = folder / "tledge_runtime" / "classify.py"
+    evil.write_text(evil.read_text() + "\nprint('pwned')\n")
+    manifest = json.loads((folder / "bundle.json").read_text())
+    manifest["files"]["tledge_runtime/classify.py"] = bundle_io.sha256(evil)  # the hash updated with it
+    (folder / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    assert runtime_main(["--bundle", str(folder), "verify"]) == 0  # the hash list alone is fooled
+    capsys.readouterr()
+    assert runtime_main(["--bundle", str(folder), "--key", str(pub), "verify"]) == 2
+    assert "does not match its signature" in capsys.readouterr().err
+    other_priv, other_pub = keygen(tmp_path / "other")
+    unsigned = Path(make_bundle(run, out_dir=tmp_path / "unsigned", archive=False)["folder"])
+    assert runtime_main(["--bundle", str(unsigned), "--key", str(other_pub), "verify"]) == 2
+    assert "is not signed" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from tledge.deploy import tledge_runtime
 from tledge.deploy.tledge_runtime import bundle_io
 from tledge.deploy.tledge_runtime.engine import DEFAULT_PROFILE
 from tledge.console import warn
-from tledge.errors import RunDirError
+from tledge.errors import RunDirError, UsageError
 from tledge.export import artefacts
 from tledge.export.artefacts import FILES, MANIFEST as EXPORT_MANIFEST
 from tledge.faults import maybe_interrupt
@@ -46,8 +46,11 @@ On a Jetson in a virtual environment, create it with --system-site-packages to s
 
 
 def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, precision: str = "int8",
-                batch: tuple[int, int, int] = DEFAULT_PROFILE, archive: bool = True) -> dict[str, Any]:
-    """Write the bundle folder atomically (built aside, then renamed) and optionally its .tar.gz."""
+                batch: tuple[int, int, int] = DEFAULT_PROFILE, archive: bool = True,
+                sign: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Write the bundle folder atomically (built aside, then renamed) and optionally its .tar.gz; with
+    ``sign`` (an ed25519 private key, PEM), also bundle.json.sig."""
+    signer = load_private_key(sign) if sign else None
     run = Path(run_dir)
     card = card_mod.read(run)
     exp_path = run / EXPORT_MANIFEST
@@ -94,6 +97,8 @@ def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
             "bench": _bench(run, lin), "files": files,
         }
         write_json(stage / bundle_io.MANIFEST, manifest)
+        if signer is not None:
+            (stage / bundle_io.SIGNATURE).write_bytes(signer.sign((stage / bundle_io.MANIFEST).read_bytes()))
         # The old archive goes before the new folder comes in: a crash in between leaves the new folder
         # alone, never beside an archive of another bundle.
         artefacts.remove([tar_path])
@@ -101,7 +106,7 @@ def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
             shutil.rmtree(out)
         os.replace(stage, out)
         maybe_interrupt("bundle:archive")
-    result = {"folder": str(out), "files": len(files) + 1,
+    result = {"folder": str(out), "files": len(files) + 1, "signed": signer is not None,
               "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file())}
     if archive:
         with atomic_path(tar_path) as tmp_tar, tarfile.open(tmp_tar, "w:gz") as tar:
@@ -111,6 +116,41 @@ def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
                 tar.add(p, arcname=str(Path(out.name) / p.relative_to(out)), recursive=False)
         result.update(archive=str(tar_path), archive_bytes=tar_path.stat().st_size)
     return result
+
+
+def load_private_key(path: str | os.PathLike) -> Any:
+    """An ed25519 private key from a PEM file (`tledge bundle-keygen`, or `openssl genpkey -algorithm ed25519`)."""
+    from tledge.deps import optional_import
+    serialization = optional_import("cryptography.hazmat.primitives.serialization", "pip install 'tledge[sign]'")
+    ed25519 = optional_import("cryptography.hazmat.primitives.asymmetric.ed25519", "pip install 'tledge[sign]'")
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"--sign {path}: cannot read an unencrypted PEM private key ({exc}).",
+                         "pass the NAME.key that `tledge bundle-keygen NAME` wrote.") from exc
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise UsageError(f"--sign {path} is not an ed25519 private key.", "make one with `tledge bundle-keygen NAME`.")
+    return key
+
+
+def keygen(name: str | os.PathLike) -> tuple[Path, Path]:
+    """NAME.key (private, mode 0600) and NAME.pub (public, for `tledge_runtime --key`), ed25519 PEM."""
+    from tledge.deps import optional_import
+    serialization = optional_import("cryptography.hazmat.primitives.serialization", "pip install 'tledge[sign]'")
+    ed25519 = optional_import("cryptography.hazmat.primitives.asymmetric.ed25519", "pip install 'tledge[sign]'")
+    priv, pub = Path(f"{name}.key"), Path(f"{name}.pub")
+    for p in (priv, pub):
+        if p.exists():
+            raise UsageError(f"{p} already exists; refusing to overwrite a key.", "choose another NAME.")
+    key = ed25519.Ed25519PrivateKey.generate()
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # a private key is the one file kept 0600
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
 
 
 def _brief(check: dict[str, Any]) -> dict[str, Any]:

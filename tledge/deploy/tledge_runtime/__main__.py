@@ -194,6 +194,9 @@ def parse_batch(text: str) -> tuple[int, int, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m tledge_runtime", description=__doc__)
     ap.add_argument("--bundle", help="bundle folder (default: the folder holding this package)")
+    ap.add_argument("--key", default=os.environ.get("TLEDGE_BUNDLE_KEY"),
+                    help="ed25519 public key (PEM): refuse a bundle whose bundle.json is not signed by it "
+                         "(default $TLEDGE_BUNDLE_KEY)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="manifest, device fingerprint and backends")
     sub.add_parser("verify", help="check every file against the manifest")
@@ -225,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(bundle_io.safe_extract(args.archive, args.dest))
             return 0
         root = bundle_root(args.bundle)
+        if args.key:
+            bundle_io.verify_signature(root, args.key)
         manifest = bundle_io.verify(root)
         default_prec = manifest.get("engine_defaults", {}).get("precision", "int8")
         if args.cmd == "info":
@@ -233,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "classes": manifest["classes"], "tensorrt": ok or why,
                               "export": manifest.get("export")}, indent=2))
         elif args.cmd == "verify":
-            print(f"ok: {len(manifest['files'])} files match {bundle_io.MANIFEST}")
+            print(f"ok: {len(manifest['files'])} files match {bundle_io.MANIFEST}"
+                  + (f", signed by {args.key}" if args.key else ""))
         elif args.cmd == "build":
             d = manifest.get("engine_defaults", {})
             build(root, manifest, args.precision or d.get("precision", "int8"), args.batch or tuple(d.get("batch", engine.DEFAULT_PROFILE)),

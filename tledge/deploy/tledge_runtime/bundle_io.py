@@ -16,7 +16,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 MANIFEST = "bundle.json"
+SIGNATURE = "bundle.json.sig"   # ed25519 signature of bundle.json's bytes (`tledge bundle --sign KEY`)
 SCHEMA = "tledge.bundle/1"
+CRYPTO_HINT = ("pip install cryptography (on a Jetson: sudo apt install python3-cryptography)")
 
 
 class BundleError(RuntimeError):
@@ -55,6 +57,44 @@ def verify(root: Path, manifest: dict[str, Any] | None = None) -> dict[str, Any]
             raise BundleError(f"{p} does not match the bundle manifest (SHA-256 differs): the file was modified or "
                               "damaged. Refusing to run it; copy the bundle again from the machine that made it.")
     return manifest
+
+
+def _ed25519() -> Any:
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError as exc:
+        raise BundleError(f"checking a bundle signature needs the cryptography package ({exc}): {CRYPTO_HINT}.") from exc
+    return serialization, ed25519
+
+
+def load_public_key(path: str | os.PathLike) -> Any:
+    """An ed25519 public key from a PEM file (`openssl pkey -pubout`, or `tledge bundle-keygen`)."""
+    serialization, ed25519 = _ed25519()
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read the public key {path} ({exc}): pass the PEM file `tledge bundle-keygen` "
+                          "wrote (NAME.pub).") from exc
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise BundleError(f"{path} is not an ed25519 public key: bundles are signed with ed25519.")
+    return key
+
+
+def verify_signature(root: Path, public_key: str | os.PathLike) -> None:
+    """BundleError unless bundle.json carries a valid signature by ``public_key``. With the hash list this
+    detects any change to any listed file, also one made together with its hash."""
+    key = load_public_key(public_key)
+    sig = root / SIGNATURE
+    if not sig.is_file():
+        raise BundleError(f"{sig} is missing: this bundle is not signed, and --key asks for a signed one. Sign it "
+                          "with `tledge bundle RUN --sign KEY`.")
+    from cryptography.exceptions import InvalidSignature
+    try:
+        key.verify(sig.read_bytes(), (root / MANIFEST).read_bytes())
+    except InvalidSignature:
+        raise BundleError(f"{root / MANIFEST} does not match its signature under {public_key}: the bundle was "
+                          "changed after signing (or signed with another key). Refusing to run it.") from None
 
 
 def _safe_name(name: str) -> PurePosixPath:
