@@ -23,8 +23,8 @@ def fake_trt(version: str) -> SimpleNamespace:
     if major == 8:    # NetworkDefinitionCreationFlag: kEXPLICIT_BATCH = 0, kEXPLICIT_PRECISION = 1 (deprecated)
         ndcf = {"EXPLICIT_BATCH": 0, "EXPLICIT_PRECISION": 1}
         flags = {"FP16": 0, "INT8": 1, "DEBUG": 2, "GPU_FALLBACK": 3, "STRICT_TYPES": 4, "REFIT": 5}
-    elif major == 10:  # kEXPLICIT_BATCH = 0 (deprecated, ignored), kSTRONGLY_TYPED = 1
-        ndcf = {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}
+    elif major == 10:  # kEXPLICIT_BATCH = 0 (deprecated, ignored), kSTRONGLY_TYPED = 1, kPREFER_JIT/AOT_PYTHON_PLUGINS
+        ndcf = {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1, "PREFER_JIT_PYTHON_PLUGINS": 2, "PREFER_AOT_PYTHON_PLUGINS": 3}
         flags = {"FP16": 0, "INT8": 1, "DEBUG": 2, "GPU_FALLBACK": 3, "REFIT": 4}
     else:              # 11.x: always strongly typed; kSTRONGLY_TYPED = 0 kept, deprecated and ignored; no FP16/INT8
         ndcf = {"STRONGLY_TYPED": 0}
