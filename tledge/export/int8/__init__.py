@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from tledge import card as card_mod
-from tledge.console import note
+from tledge.console import note, warn
 from tledge.errors import AccuracyError
 from tledge.evalset import EvalSet
 from tledge.export import artefacts
@@ -61,6 +61,7 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
             section["forms"][form] = record
             section["gate"][form] = report
             ranges[form] = qdq_ranges(q)
+        refit_reference(ctx, section, evalset, ref)
     finally:
         if "train" in ctx.cache:
             ctx.cache["train"].close()
@@ -69,6 +70,37 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
     section["calibration"] = {**calib_rec, "source": where}
     section["files"] = files
     return section
+
+
+def refit_reference(ctx: Int8Context, section: dict[str, Any], evalset: EvalSet, ref: np.ndarray) -> None:
+    """Beside each form's drop against PyTorch, its drop against the FP32 model given the same head refit:
+    quantization alone, without what the refit itself adds or takes (issue 15 item 9). Said when the two
+    differ by a point or more."""
+    from tledge.evalset import compare
+    from tledge.export.int8.passes.head_refit import fp32_refit_logits
+
+    refitted = [f for f, rec in section["forms"].items()
+                if any(r["name"] == "head_refit" and r["decision"].startswith("head re-fitted")
+                       for stage in ("cheap", "expensive") for r in rec.get(stage, []))]
+    if not refitted:
+        return
+    logits = fp32_refit_logits(ctx, evalset)
+    if logits is None:
+        return
+    base = compare(logits, ref, evalset.labels)
+    effect = -base["drop_points"]  # what the refit alone does to FP32's val top-1
+    for form in refitted:
+        final = section["gate"][form]["final"]
+        quant = round((base["top1"] - final["top1"]) * 100, 4)
+        section["gate"][form]["refit_reference"] = {"fp32_refit_top1": base["top1"], "refit_effect_points": effect,
+                                                    "quantization_drop_points": quant}
+        msg = (f"INT8 {form}: against the FP32 model given the same head refit (val top-1 {base['top1']:.4f}), "
+               f"quantization alone costs {quant:.2f} pt; the refit itself moves FP32 by {effect:+.2f} pt")
+        if abs(effect) >= 1.0:
+            warn(msg + f": the drop against PyTorch ({final['drop_points']:.2f} pt) mixes both (a short tune's head "
+                 "trains further in the refit)")
+        else:
+            note(msg)
 
 
 def qdq_ranges(q: Any) -> dict[str, dict[str, float]]:
