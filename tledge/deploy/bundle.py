@@ -118,11 +118,16 @@ def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     return result
 
 
+def _crypto() -> tuple[Any, Any]:
+    """cryptography's serialization and ed25519 modules, or MissingDependency naming the `sign` extra."""
+    from tledge.deps import optional_import
+    return (optional_import("cryptography.hazmat.primitives.serialization", "pip install 'tledge[sign]'"),
+            optional_import("cryptography.hazmat.primitives.asymmetric.ed25519", "pip install 'tledge[sign]'"))
+
+
 def load_private_key(path: str | os.PathLike) -> Any:
     """An ed25519 private key from a PEM file (`tledge bundle-keygen`, or `openssl genpkey -algorithm ed25519`)."""
-    from tledge.deps import optional_import
-    serialization = optional_import("cryptography.hazmat.primitives.serialization", "pip install 'tledge[sign]'")
-    ed25519 = optional_import("cryptography.hazmat.primitives.asymmetric.ed25519", "pip install 'tledge[sign]'")
+    serialization, ed25519 = _crypto()
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
@@ -135,9 +140,7 @@ def load_private_key(path: str | os.PathLike) -> Any:
 
 def keygen(name: str | os.PathLike) -> tuple[Path, Path]:
     """NAME.key (private, mode 0600) and NAME.pub (public, for `tledge_runtime --key`), ed25519 PEM."""
-    from tledge.deps import optional_import
-    serialization = optional_import("cryptography.hazmat.primitives.serialization", "pip install 'tledge[sign]'")
-    ed25519 = optional_import("cryptography.hazmat.primitives.asymmetric.ed25519", "pip install 'tledge[sign]'")
+    serialization, ed25519 = _crypto()
     priv, pub = Path(f"{name}.key"), Path(f"{name}.pub")
     for p in (priv, pub):
         if p.exists():

@@ -17,18 +17,16 @@ FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8-tensorrt": "mode
 MANIFEST = "export_manifest.json"
 CALIB_DIR = "calib"                                  # statistics cache (stats-<key>.npz) and the ranges
 CALIBRATION = f"{CALIB_DIR}/calibration.json"        # the chosen scales and zero-points of every form
-TIMING_CACHE = "timing.cache"                        # the old name: one cache for every TensorRT and GPU
+STAGING = ".export-staging"                          # export writes here, then swaps everything in at once
+ENGINE_PRECISIONS = ("fp16", "int8")
+BENCH_FILES = ("bench.json", "bench.csv", "bench.png")
+BUNDLE_NAME = "deploy"
 
 
 def timing_cache_file(fingerprint_key: str) -> str:
     """The export's TensorRT timing cache, one per device fingerprint (a cache from another TensorRT version or
     GPU is refused by TensorRT, or worse, misleads its tactic choice)."""
     return f"timing-{fingerprint_key}.cache"
-
-STAGING = ".export-staging"                          # export writes here, then swaps everything in at once
-ENGINE_PRECISIONS = ("fp16", "int8")
-BENCH_FILES = ("bench.json", "bench.csv", "bench.png")
-BUNDLE_NAME = "deploy"
 
 
 def int8_file(form: str) -> str:
