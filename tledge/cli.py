@@ -13,6 +13,10 @@ import click
 
 from tledge import __version__
 
+# The resize modes (tledge/deploy/tledge_runtime/preprocess.py RESIZE_MODES; a test checks they agree), spelled
+# out here so that `tledge --help` imports neither numpy nor Pillow.
+RESIZE_MODES = ("shorter-side+center-crop", "stretch", "letterbox", "letterbox-topleft")
+
 
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """TledgeError -> one clear line and a non-zero exit; a traceback only with --debug."""
@@ -61,6 +65,10 @@ def main(debug: bool) -> None:
 @click.option("--weights", default="imagenet", show_default=True,
               help="'imagenet' (torchvision's hub cache), 'none' (random init) or a .safetensors/.pth state dict.")
 @click.option("--image-size", type=int, default=None, help="Input size (default: the weights' own, e.g. 224).")
+@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=RESIZE_MODES[0], show_default=True,
+              help="How images are fitted to the input, recorded in the model card and used everywhere after: the "
+                   "weights' resize + centre crop, or what DeepStream's nvinfer does (stretch; letterbox = "
+                   "maintain-aspect-ratio with symmetric padding; letterbox-topleft = without).")
 @click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
 @click.option("--epochs", type=int, default=100, show_default=True, help="Head epochs (early stopping on val top-1).")
 @click.option("--patience", type=int, default=20, show_default=True)
@@ -81,7 +89,8 @@ def main(debug: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
 @_handle_errors
-def tune(data: Path, out: Path, backbone: str, weights: str, image_size: int | None, head: str, epochs: int,
+def tune(data: Path, out: Path, backbone: str, weights: str, image_size: int | None, resize_mode: str, head: str,
+         epochs: int,
          patience: int, lr: float, batch_size: int, label_smoothing: float, no_balance: bool, unfreeze: int,
          ft_epochs: int, ft_lr: float, val_fraction: float, seed: int, workers: int, cache_dir: Path | None,
          resume: bool, overwrite: bool) -> None:
@@ -89,7 +98,8 @@ def tune(data: Path, out: Path, backbone: str, weights: str, image_size: int | N
     from tledge.distributed import from_env, shutdown
     from tledge.tune import TuneConfig, run_tune
 
-    cfg = TuneConfig(backbone=backbone, weights=weights, image_size=image_size, head=head, epochs=epochs,
+    cfg = TuneConfig(backbone=backbone, weights=weights, image_size=image_size, resize_mode=resize_mode, head=head,
+                     epochs=epochs,
                      patience=patience, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
                      balance=not no_balance, unfreeze=unfreeze, ft_epochs=ft_epochs, ft_lr=ft_lr,
                      val_fraction=val_fraction, seed=seed, workers=workers,
@@ -174,6 +184,11 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @click.option("--dla-core", type=int, default=None, help="Build for this DLA core (Jetson), GPU fallback on.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
               help="TensorRT timing cache file, reused across builds (default RUN/timing.cache).")
+@click.option("--input", "input_kind", type=click.Choice(["normalized", "raw"]), default="normalized", show_default=True,
+              help="What the graphs take: normalized tensors, or raw 0-255 RGB pixels (NCHW) that the graph "
+                   "normalises itself as its first op: exact in DeepStream (net-scale-factor=1) and Triton.")
+@click.option("--input-dtype", type=click.Choice(["float32", "uint8"]), default="float32", show_default=True,
+              help="With --input raw: the pixels' type (DeepStream feeds float32; uint8 quarters a client's upload).")
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--simplify", is_flag=True, help="Simplify the FP32 graph with onnxslim (kept only if the check stays green).")
 @click.option("--threads", type=int, default=None, help="CPU threads for onnxruntime and torch (default: all cores; the graphs do not depend on it).")
@@ -183,14 +198,15 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
            bias_correction_mode: str, no_head_refit: bool, refit_count: int, refit_distill: float, escalate: str,
            target_agreement: float, adaround: bool, adaround_iters: int, adaround_layers: int,
            engine: str | None, batch: str, workspace: int, dla_core: int | None, timing_cache: Path | None,
-           opset: int, simplify: bool, threads: int | None) -> None:
+           input_kind: str, input_dtype: str, opset: int, simplify: bool, threads: int | None) -> None:
     """Export RUN as ONNX (checked against PyTorch), FP16/INT8 graphs and TensorRT engines."""
     from tledge.export.config import CalibConfig, EngineOptions, ExportConfig, GateConfig, Int8Config
     from tledge.export.pipeline import run_export
     from tledge.export.tensorrt import parse_batch
 
     cfg = ExportConfig(
-        fp16=fp16, int8=int8, opset=opset, simplify=simplify, threads=threads,
+        fp16=fp16, int8=int8, opset=opset, simplify=simplify, threads=threads, input=input_kind,
+        input_dtype=input_dtype,
         calib=CalibConfig(source=calib, count=calib_count, method=method, percentile=percentile),
         quant=Int8Config(forms=forms or ("tensorrt", "cpu"), cle=not no_cle,
                          bias_correction="off" if no_bias_correction else bias_correction_mode,
@@ -222,11 +238,14 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
 @click.option("--compile", "use_compile", is_flag=True, help="Also time torch.compile.")
 @click.option("--cuda-graph", is_flag=True, help="Also time TensorRT engines replayed as CUDA graphs.")
 @click.option("--max-images", type=int, default=None, help="Use at most this many val images for accuracy.")
+@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
+              help="Measure accuracy with images fitted this way instead of the model card's mode: the cost of "
+                   "deploying with another resize than the model was tuned with.")
 @click.option("--compare", "compare_with", type=click.Path(path_type=Path), default=None,
               help="Another bench.json to show side by side.")
 @_handle_errors
 def bench(run: Path, batches: str, budget: float, warmup: int, threads: int | None, no_e2e: bool, use_compile: bool,
-          cuda_graph: bool, max_images: int | None, compare_with: Path | None) -> None:
+          cuda_graph: bool, max_images: int | None, resize_mode: str | None, compare_with: Path | None) -> None:
     """Latency and accuracy of every artefact in RUN against the PyTorch model."""
     from tledge.bench.report import compare_table, load, print_report, write_all
     from tledge.bench.run import BenchConfig, run_bench
@@ -242,7 +261,7 @@ def bench(run: Path, batches: str, budget: float, warmup: int, threads: int | No
     other = load(compare_with) if compare_with else None
     result = run_bench(run, BenchConfig(batches=sizes, budget_s=budget, warmup=warmup, threads=threads,
                                         end_to_end=not no_e2e, compile=use_compile, cuda_graph=cuda_graph,
-                                        max_images=max_images))
+                                        max_images=max_images, resize_mode=resize_mode))
     paths = write_all(result, run)
     print_report(result)
     if other:
@@ -269,19 +288,30 @@ def compare_cmd(a: Path, b: Path) -> None:
 @click.option("--batch", default="1,1,32", show_default=True,
               help="Engine batch profile min,opt,max (TensorRT tunes its kernels for opt: batch 1, the usual "
                    "Jetson case, by default).")
+@click.option("--target", "targets", multiple=True, type=click.Choice(["python", "deepstream", "triton"]),
+              help="What the bundle serves (repeat for several; default python): tledge_runtime, DeepStream nvinfer "
+                   "configs (primary and secondary classifier), a Triton model repository.")
+@click.option("--deepstream-resize", type=click.Choice(RESIZE_MODES[1:]), default=None,
+              help="--target deepstream: fit images this way although the model was tuned with another mode (nvinfer "
+                   "cannot centre-crop); `tledge bench RUN --resize-mode MODE` shows what it costs.")
 @click.option("--no-archive", is_flag=True, help="Write the folder only, no .tar.gz.")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
               help="Sign bundle.json with this ed25519 private key (`tledge bundle-keygen`); the device checks it "
                    "with `python3 -m tledge_runtime --key NAME.pub ...`.")
 @_handle_errors
-def bundle(run: Path, out: Path | None, precision: str, batch: str, no_archive: bool, sign_key: Path | None) -> None:
+def bundle(run: Path, out: Path | None, precision: str, batch: str, targets: tuple[str, ...],
+           deepstream_resize: str | None, no_archive: bool, sign_key: Path | None) -> None:
     """Write a self-contained deploy bundle (folder + .tar.gz) for a Jetson: no PyTorch needed there."""
     from tledge.deploy.bundle import make_bundle
     from tledge.export.tensorrt import parse_batch
 
-    r = make_bundle(run, out, precision, parse_batch(batch), archive=not no_archive, sign=sign_key)
+    r = make_bundle(run, out, precision, parse_batch(batch), archive=not no_archive, sign=sign_key,
+                    targets=targets or ("python",), deepstream_resize=deepstream_resize)
     click.echo(f"bundle {r['folder']} ({r['files']} files, {r['bytes'] / 1e6:.1f} MB)"
                + (f"; archive {r['archive']} ({r['archive_bytes'] / 1e6:.1f} MB)" if "archive" in r else ""))
+    for t in r["targets"]:
+        if t != "python":
+            click.echo(f"{t}: see {Path(r['folder']) / t / 'README.md'}")
     click.echo(f"on the device: tar xzf {Path(r.get('archive', r['folder'])).name} && cd {Path(r['folder']).name} && "
                "python3 -m tledge_runtime build && python3 -m tledge_runtime predict IMAGES")
 

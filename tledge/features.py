@@ -39,8 +39,10 @@ class ImageDataset(Dataset):
     """Samples -> (tensor, label, index). Images that fail to decode after the scan yield a flag
     instead of raising, so one file changed on disk mid-run cannot crash a worker."""
 
-    def __init__(self, samples: Sequence[Sample], preprocess: Preprocess, augment: Any = None) -> None:
-        self.samples, self.preprocess, self.augment = list(samples), preprocess, augment
+    def __init__(self, samples: Sequence[Sample], preprocess: Preprocess, augment: Any = None,
+                 pixels: bool = False) -> None:
+        # pixels: yield the fitted uint8 pixels (Preprocess.pixels) instead of the finished input tensor
+        self.samples, self.preprocess, self.augment, self.pixels = list(samples), preprocess, augment, pixels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -50,9 +52,12 @@ class ImageDataset(Dataset):
         try:
             im = load_image(s.path)
         except ImageLoadError:
-            return torch.zeros(self.preprocess.input_shape), s.label, i, False
+            return torch.zeros(self.preprocess.input_shape, dtype=torch.uint8 if self.pixels else torch.float32), \
+                s.label, i, False
         if self.augment is not None:
             arr = self.augment(im)
+        elif self.pixels:
+            arr = self.preprocess.pixels(im)
         else:
             arr = self.preprocess.to_array(im)
         return torch.from_numpy(arr), s.label, i, True

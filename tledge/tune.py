@@ -36,6 +36,7 @@ from tledge.features import FeatureCache, ImageDataset, default_cache_dir, extra
 from tledge.export import artefacts
 from tledge.fsutil import atomic_path, sha256_file, sha256_json
 from tledge.model import Classifier, make_head, save_checkpoint
+from tledge.preprocess import DEFAULT_RESIZE_MODE, RESIZE_MODES
 
 
 @dataclass
@@ -43,6 +44,8 @@ class TuneConfig:
     backbone: str = "mobilenet_v2"
     weights: str = "imagenet"          # "imagenet", "none" or a file path
     image_size: int | None = None      # None: the weights' own input size
+    resize_mode: str = "shorter-side+center-crop"  # how images are fitted to the input (preprocess.RESIZE_MODES):
+                                                   # tune with what the device does (e.g. DeepStream: stretch)
     head: str = "linear"               # linear | mlp
     hidden: int = 512
     dropout: float = 0.2
@@ -220,14 +223,17 @@ def train_head(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarra
 
 
 def _augment(pre: Any, crop: int) -> Callable[[Any], np.ndarray]:
-    """RandomResizedCrop + horizontal flip (torchvision on PIL), then the card's normalisation."""
+    """RandomResizedCrop + horizontal flip (torchvision on PIL), then the card's normalisation. With a
+    stretch or letterbox resize mode the image is first fitted as the device will fit it (so the network
+    learns the stretched shapes or the black border), and the random crop is taken from that."""
     from torchvision import transforms as T
 
     aug = T.Compose([T.RandomResizedCrop(crop, scale=(0.35, 1.0), interpolation=T.InterpolationMode(pre.interpolation)),
                      T.RandomHorizontalFlip()])
+    fit = pre.resize_mode != DEFAULT_RESIZE_MODE
 
     def run(im: Any) -> np.ndarray:
-        arr = np.asarray(aug(im), dtype=np.float32) / 255.0
+        arr = np.asarray(aug(pre.resize_crop(im) if fit else im), dtype=np.float32) / 255.0
         arr = (arr - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
     return run
@@ -440,6 +446,10 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
     if cfg.head not in ("linear", "mlp"):
         raise UsageError(f"unknown head '{cfg.head}'; choices: linear, mlp.", "pass --head linear or --head mlp.")
     pre = spec.preprocess if cfg.image_size is None else spec.preprocess.scaled(cfg.image_size)
+    if cfg.resize_mode not in RESIZE_MODES:
+        raise UsageError(f"unknown resize mode '{cfg.resize_mode}'; choices: {', '.join(RESIZE_MODES)}.",
+                         "pass one of them to --resize-mode.")
+    pre = pre.with_resize_mode(cfg.resize_mode)
     if pre.crop < spec.min_size:
         raise UsageError(f"--image-size {pre.crop} is below {spec.name}'s minimum of {spec.min_size}.",
                          f"pass --image-size {spec.min_size} or more.")

@@ -34,6 +34,7 @@ class BenchConfig:
     cuda_graph: bool = False        # also TensorRT engines replayed as CUDA graphs
     providers: tuple[str, ...] = ("cpu", "cuda", "tensorrt")
     max_images: int | None = None   # cap on val images for accuracy (None: all)
+    resize_mode: str | None = None  # fit images this way instead of the card's mode (the cost of a mismatch)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -46,6 +47,7 @@ class Candidate:
     factory: Callable[[], Any]
     files: list[Path]
     skip: str | None = None
+    graph_input: str = "normalized"  # what the artefact's input holds (the export manifest's ``input``)
 
 
 def candidates(run: Path, cfg: BenchConfig, lin: Lineage | None = None) -> list[Candidate]:
@@ -68,6 +70,7 @@ def candidates(run: Path, cfg: BenchConfig, lin: Lineage | None = None) -> list[
                          [run / "checkpoint.safetensors"], None if cuda_ok else cuda_why))
     out.append(Candidate("pytorch-cuda-fp16", "fp16", "torch autocast", "cuda", lambda: TorchRunner(run, "cuda", fp16=True),
                          [run / "checkpoint.safetensors"], None if cuda_ok else cuda_why))
+    graph_input = ((lin.manifest or {}).get("input") or {}).get("kind", "normalized") if lin else "normalized"
     ort_ok, ort_why = avail["onnxruntime"]
     providers = _ort_providers() if ort_ok else {}
     for key, fname in FILES.items():
@@ -85,7 +88,8 @@ def candidates(run: Path, cfg: BenchConfig, lin: Lineage | None = None) -> list[
             files = [path] + ([Path(str(path) + ".data")] if Path(str(path) + ".data").exists() else [])
             out.append(Candidate(f"onnx-{key}" + ("" if prov == "cpu" else f"-{prov}"), prec,
                                  f"onnxruntime {prov}", "cpu" if prov == "cpu" else "cuda",
-                                 lambda p=path, pv=prov: OrtRunner(p, pv, threads, spinning=False), files, why))
+                                 lambda p=path, pv=prov: OrtRunner(p, pv, threads, spinning=False), files, why,
+                                 graph_input))
     trt_ok, trt_why = avail["tensorrt"]
     for prec in ("fp16", "int8"):
         eng = run / engine_file(prec)
@@ -94,11 +98,16 @@ def candidates(run: Path, cfg: BenchConfig, lin: Lineage | None = None) -> list[
                                  f"{eng.name} refused: {lin.stale[eng.name]}; run `tledge export {run}` again"))
         elif eng.is_file():
             out.append(Candidate(f"tensorrt-{prec}", prec, "tensorrt", "cuda", lambda e=eng: TrtRunner(e), [eng],
-                                 None if trt_ok else trt_why))
+                                 None if trt_ok else trt_why, graph_input))
             if cfg.cuda_graph:
                 out.append(Candidate(f"tensorrt-{prec}-cudagraph", prec, "tensorrt + CUDA graph", "cuda",
-                                     lambda e=eng: TrtRunner(e, cuda_graph=True), [eng], None if trt_ok else trt_why))
+                                     lambda e=eng: TrtRunner(e, cuda_graph=True), [eng], None if trt_ok else trt_why,
+                                     graph_input))
     return out
+
+
+def _graph_dtype(lin: Lineage) -> str:
+    return ((lin.manifest or {}).get("input") or {}).get("dtype", "float32")
 
 
 def _torch_cuda() -> tuple[bool, str]:
@@ -121,18 +130,17 @@ def _rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def _batch(evalset: EvalSet, b: int) -> np.ndarray:
-    x = evalset.x[: min(b, len(evalset))]
-    reps = -(-b // len(x))
-    return np.ascontiguousarray(np.concatenate([x] * reps)[:b])
-
-
 def run_bench(run_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
     from tledge.bench.machine import describe
 
     run = Path(run_dir)
     card = card_mod.read(run)
     pre = card_mod.preprocess_of(card)
+    tuned_mode = pre.resize_mode
+    if cfg.resize_mode and cfg.resize_mode != tuned_mode:
+        warn(f"measuring accuracy with images fitted by '{cfg.resize_mode}'; the model was tuned with '{tuned_mode}' "
+             "(the numbers show what a deployment that resizes this way costs)")
+        pre = pre.with_resize_mode(cfg.resize_mode)
     rep = scan_for_run(run, card)
     samples = rep.val[: cfg.max_images] if cfg.max_images else rep.val
     t0 = time.perf_counter()
@@ -154,9 +162,10 @@ def run_bench(run_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
         rss0 = _rss_mib()
         try:
             runner = cand.factory()
+            gpre = pre.with_input(cand.graph_input, _graph_dtype(lin)) if cand.graph_input != "normalized" else pre
             with runner:
                 rss_loaded = _rss_mib()
-                logits = run_logits(runner.infer, evalset, 32)
+                logits = run_logits(runner.infer, evalset, 32, gpre)
                 if ref is None:
                     ref = logits
                 acc = compare(logits, ref, evalset.labels)
@@ -165,12 +174,12 @@ def run_bench(run_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
                 acc.update(top5=summ.get("top5"), per_class_accuracy=summ["per_class_accuracy"])
                 lat = []
                 for b in cfg.batches:
-                    x = _batch(evalset, b)
+                    x = evalset.first(b, gpre)
                     m = latency.measure_model(runner, x, warmup=cfg.warmup, budget_s=cfg.budget_s, min_iters=cfg.min_iters)
                     lat.append({"mode": "model", **m})
                     if cfg.end_to_end:
                         fb = (files * (-(-b // len(files))))[:b]
-                        e = latency.measure_end_to_end(runner, fb, pre, warmup=2, budget_s=cfg.budget_s / 2,
+                        e = latency.measure_end_to_end(runner, fb, gpre, warmup=2, budget_s=cfg.budget_s / 2,
                                                        min_iters=max(3, cfg.min_iters // 2))
                         lat.append({"mode": "end_to_end", **e})
                 desc = runner.describe()
@@ -185,7 +194,7 @@ def run_bench(run_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
                 r["speedup_vs_pytorch"] = base_p50[r["batch"]] / r["p50_ms"]
         results.append({
             "artefact": cand.name, "precision": cand.precision, "runtime": cand.runtime, "device": cand.device,
-            "files": [p.name for p in cand.files if p.exists()],
+            "files": [p.name for p in cand.files if p.exists()], "input": cand.graph_input,
             "size_bytes": sum(p.stat().st_size for p in cand.files if p.exists()),
             "accuracy": acc, "latency": lat, "runner": desc,
             "memory": {"rss_before_mib": round(rss0, 1), "rss_loaded_mib": round(rss_loaded, 1),
@@ -195,6 +204,7 @@ def run_bench(run_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
     return {"schema": SCHEMA, "tledge_version": tledge.__version__, "run": str(run),
             "checkpoint_sha256": lin.checkpoint_sha256, "export_files": (lin.manifest or {}).get("files"),
             "backbone": card["backbone"]["name"], "input": card["preprocess"]["crop"],
+            "resize_mode": {"measured": pre.resize_mode, "tuned": tuned_mode},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": describe(),
             "settings": {**asdict(cfg), "threads": cfg.threads or os.cpu_count(), "val_images": len(samples)},
             "baseline": "pytorch", "results": results, "skipped": skipped,

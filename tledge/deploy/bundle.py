@@ -17,14 +17,16 @@ from typing import Any
 
 import tledge
 from tledge import card as card_mod
-from tledge.deploy import tledge_runtime
+from tledge.deploy import deepstream, tledge_runtime, triton
 from tledge.deploy.tledge_runtime import bundle_io
 from tledge.deploy.tledge_runtime.engine import DEFAULT_PROFILE
 from tledge.console import warn
 from tledge.errors import RunDirError, UsageError
 from tledge.export import artefacts
+from tledge.export import onnx as onnx_io
 from tledge.export.artefacts import FILES, MANIFEST as EXPORT_MANIFEST
 from tledge.faults import maybe_interrupt
+from tledge.preprocess import Preprocess
 from tledge.fsutil import atomic_path, read_json, sha256_file, write_json
 
 RUNTIME_FILES = ("__init__.py", "__main__.py", "bundle_io.py", "classify.py", "cuda.py", "engine.py", "preprocess.py",
@@ -45,11 +47,22 @@ On a Jetson in a virtual environment, create it with --system-site-packages to s
 """
 
 
+TARGETS = ("python", "deepstream", "triton")
+
+
 def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, precision: str = "int8",
                 batch: tuple[int, int, int] = DEFAULT_PROFILE, archive: bool = True,
-                sign: str | os.PathLike | None = None) -> dict[str, Any]:
+                sign: str | os.PathLike | None = None, targets: tuple[str, ...] = ("python",),
+                deepstream_resize: str | None = None) -> dict[str, Any]:
     """Write the bundle folder atomically (built aside, then renamed) and optionally its .tar.gz; with
-    ``sign`` (an ed25519 private key, PEM), also bundle.json.sig."""
+    ``sign`` (an ed25519 private key, PEM), also bundle.json.sig. Every bundle holds the graphs and
+    tledge_runtime (python); ``targets`` may add deepstream/ (nvinfer configs) and triton/ (a model
+    repository), which use the same graphs and the same preprocessing contract."""
+    bad = [t for t in targets if t not in TARGETS]
+    if bad:
+        raise UsageError(f"unknown bundle target {bad[0]!r}; choices: {', '.join(TARGETS)}.", "pass --target python, "
+                         "deepstream or triton (repeat it for several).")
+    targets = tuple(dict.fromkeys(("python", *targets)))
     signer = load_private_key(sign) if sign else None
     run = Path(run_dir)
     card = card_mod.read(run)
@@ -64,6 +77,12 @@ def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     if need and need not in lin.ok:
         raise RunDirError(f"the bundle's default precision is {precision} but {run / FILES[need]} does not exist.",
                           f"run `tledge export {run} --{precision}` first, or pass --precision.")
+    # the graphs' own input contract: the card's preprocessing, raw pixels if exported with --input raw
+    graph_pre = Preprocess.from_dict(export.get("input", {}).get("preprocess") or card["preprocess"])
+    name = triton.model_name(card["backbone"]["name"])
+    if "deepstream" in targets:  # refuse a configuration nvinfer cannot reproduce before writing anything
+        deepstream.scale_and_offsets(graph_pre)
+        deepstream.resolve_resize_mode(graph_pre, deepstream_resize)
     out = Path(out_dir) if out_dir else run / artefacts.BUNDLE_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     tar_path = out.parent / f"{out.name}.tar.gz"
@@ -85,11 +104,28 @@ def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
             shutil.copy2(lin.ok["calibration"], stage / "calibration.json")
         (stage / "README.md").write_text(README.format(backbone=card["backbone"]["name"], n=len(card["classes"]),
                                                        precision=precision))
+        target_info: dict[str, Any] = {"python": {"runtime": "tledge_runtime"}}
+        graph_key = {"int8": "int8-tensorrt", "fp16": "fp16"}.get(precision, "fp32")
+        if "deepstream" in targets:
+            src = lin.ok[graph_key]
+            ds_file = src.name.replace(".onnx", ".probs.onnx")
+            for w in deepstream.write(stage / "deepstream", onnx_io.load_model(src), ds_file, card["classes"],
+                                      graph_pre, precision, batch, name, deepstream_resize):
+                warn(w)
+            target_info["deepstream"] = {"folder": "deepstream", "onnx": ds_file, "configs": [deepstream.PRIMARY,
+                                                                                             deepstream.SECONDARY]}
+        if "triton" in targets:
+            triton.write(stage / "triton", lin.ok["fp32"], name, card["classes"], graph_pre, precision, batch,
+                         src_pkg / "preprocess.py")
+            target_info["triton"] = {"folder": "triton", "model": name, "plan": f"triton/{name}_trt/1/model.plan",
+                                     "plan_source": Path(FILES[graph_key]).name, "plan_precision": precision}
         files = {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
         manifest = {
             "schema": bundle_io.SCHEMA, "tledge_version": tledge.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "backbone": card["backbone"]["name"], "classes": card["classes"], "preprocess": card["preprocess"],
+            "backbone": card["backbone"]["name"], "classes": card["classes"], "preprocess": graph_pre.to_dict(),
+            "input": {k: v for k, v in export.get("input", {"kind": "normalized"}).items() if k != "preprocess"},
+            "targets": target_info,
             "output": "logits", "engine_defaults": {"precision": precision, "batch": list(batch)},
             "export": {k: _brief(v) for k, v in export.get("checks", {}).items()},
             "calibration": export.get("calibration", {}).get("key"),
@@ -106,7 +142,7 @@ def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
             shutil.rmtree(out)
         os.replace(stage, out)
         maybe_interrupt("bundle:archive")
-    result = {"folder": str(out), "files": len(files) + 1, "signed": signer is not None,
+    result = {"folder": str(out), "files": len(files) + 1, "signed": signer is not None, "targets": list(targets),
               "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file())}
     if archive:
         with atomic_path(tar_path) as tmp_tar, tarfile.open(tmp_tar, "w:gz") as tar:

@@ -10,6 +10,7 @@ from typing import Any
 
 from tledge.deploy.tledge_runtime.engine import DEFAULT_PROFILE
 from tledge.errors import UsageError
+from tledge.preprocess import INPUT_DTYPES, INPUT_KINDS
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 FORM_NAMES = ("tensorrt", "cpu")
@@ -76,6 +77,8 @@ class ExportConfig:
     simplify: bool = False
     threads: int | None = None          # CPU threads for onnxruntime and torch (results do not depend on it)
     fp32_tol: float = 1e-3
+    input: str = "normalized"           # normalized | raw (0-255 RGB; the graphs normalise as their first ops)
+    input_dtype: str = "float32"        # raw input only: float32 | uint8
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +120,12 @@ class ExportConfig:
                              "pass e.g. --max-drop 1.0.")
         if e.engine not in (None, "fp16", "int8"):
             raise UsageError(f"unknown engine precision '{e.engine}'; choices: fp16, int8.", "pass --engine fp16 or int8.")
+        if self.input not in INPUT_KINDS:
+            raise UsageError(f"unknown --input '{self.input}'; choices: {', '.join(INPUT_KINDS)}.",
+                             "pass --input normalized or --input raw.")
+        if self.input_dtype not in INPUT_DTYPES[self.input]:
+            raise UsageError(f"--input-dtype {self.input_dtype} needs --input raw (normalized input is float32).",
+                             "pass --input raw --input-dtype uint8, or drop --input-dtype.")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads {self.threads} is not a positive count.", "pass e.g. --threads 2.")
         return self

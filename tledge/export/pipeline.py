@@ -119,6 +119,16 @@ def _export(run: Path, stage: Path, card: dict[str, Any], pre: Any, cfg: ExportC
         manifest["calibration"] = section["calibration"]
         manifest["int8"] = section
         stage_done("int8")
+    if cfg.input == "raw":
+        from tledge.export.raw_input import wrap_staged
+        manifest["input"] = wrap_staged(stage, card, manifest, evalset, cfg.input_dtype, cfg.threads)
+        worst = max(c["max_abs_logit_diff"] for c in manifest["input"]["checks"].values())
+        note(f"--input raw: every graph takes 0-255 RGB ({cfg.input_dtype}) and normalises it itself; against the "
+             f"normalised graphs on {next(iter(manifest['input']['checks'].values()))['n']} val images, max |logit "
+             f"diff| {worst:.2e}")
+        stage_done("raw_input")
+    else:
+        manifest["input"] = {"kind": "normalized", "dtype": "float32", "preprocess": pre.to_dict()}
     evalset.close()
 
     engines = [want_engine] if want_engine else \

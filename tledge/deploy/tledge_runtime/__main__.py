@@ -135,6 +135,24 @@ def open_model(root: Path, manifest: dict[str, Any], backend: str, precision: st
     return m, f"onnxruntime {m.provider} {ONNX[prec]}{note}"
 
 
+def triton_plan(root: Path, manifest: dict[str, Any], force: bool) -> Path:
+    """The engine for this device (built or reused, with the bundle's profile) copied to the Triton
+    repository's ``NAME_trt/1/model.plan``; Triton's max_batch_size is that profile's maximum."""
+    import shutil
+    t = manifest.get("targets", {}).get("triton")
+    if not t:
+        raise bundle_io.BundleError("this bundle has no Triton repository: make it with `tledge bundle RUN --target "
+                                    "triton`.")
+    d = manifest.get("engine_defaults", {})
+    eng = build(root, manifest, t["plan_precision"], tuple(d.get("batch", engine.DEFAULT_PROFILE)), None, 1024, force)
+    dest = root / t["plan"]
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copyfile(eng, tmp)
+    os.replace(tmp, dest)  # Triton may be polling the repository: never a half-copied plan
+    print(f"wrote {dest} (from {eng.relative_to(root)})")
+    return dest
+
+
 def cmd_predict(args: argparse.Namespace, root: Path, manifest: dict[str, Any]) -> None:
     pre = Preprocess.from_dict(manifest["preprocess"])
     classes = manifest["classes"]
@@ -155,7 +173,9 @@ def cmd_bench(args: argparse.Namespace, root: Path, manifest: dict[str, Any]) ->
     rng = np.random.default_rng(0)
     results = []
     for b in args.batches:
-        x = rng.standard_normal((b, *pre.input_shape)).astype(np.float32)
+        # random input of the graph's own kind: normalised values, or 0-255 pixels for a raw-input bundle
+        x = (rng.integers(0, 256, (b, *pre.input_shape)).astype(pre.dtype) if pre.input == "raw"
+             else rng.standard_normal((b, *pre.input_shape)).astype(np.float32))
         results.append(timing.summarize(timing.time_calls(lambda: model.infer(x), model.synchronize,
                                                           budget_s=args.budget), b))
     out = {"runtime": desc, "fingerprint": engine.fingerprint(engine.import_tensorrt()) if engine.tensorrt_available()[0]
@@ -219,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     be.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto")
     be.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None)
     be.add_argument("--json-out", default=None)
+    tp = sub.add_parser("triton-plan", help="build (or reuse) the engine and put it in the bundle's Triton repository")
+    tp.add_argument("--force", action="store_true")
     ex = sub.add_parser("extract", help="safely extract a bundle .tar.gz")
     ex.add_argument("archive")
     ex.add_argument("dest", nargs="?", default=".")
@@ -244,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             d = manifest.get("engine_defaults", {})
             build(root, manifest, args.precision or d.get("precision", "int8"), args.batch or tuple(d.get("batch", engine.DEFAULT_PROFILE)),
                   args.dla_core, args.workspace, args.force)
+        elif args.cmd == "triton-plan":
+            triton_plan(root, manifest, args.force)
         elif args.cmd == "predict":
             args.precision = args.precision or default_prec
             cmd_predict(args, root, manifest)

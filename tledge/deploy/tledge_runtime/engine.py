@@ -317,19 +317,24 @@ class TrtEngine:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        # float32 in and out around FP16/INT8 compute; a graph exported with --input raw --input-dtype uint8
+        # takes uint8 pixels (TensorRT 8.5+ allows UINT8 network inputs)
+        self.in_dtype = np.float32
         for n in (self.input_name, self.output_name):
             dt = self.engine.get_tensor_dtype(n)
-            if dt != trt.float32:
+            if n == self.input_name and dt == getattr(trt, "uint8", None):
+                self.in_dtype = np.uint8
+            elif dt != trt.float32:
                 raise EngineError(f"{self.path}: tensor {n!r} is {dt}, tledge engines take and give float32 "
                                   "(FP32 input and output around FP16/INT8 compute): rebuild it with tledge.")
         lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.min_shape, self.max_shape = tuple(lo), tuple(hi)
         self.num_classes = int(self.engine.get_tensor_shape(self.output_name)[-1])
         self.stream = cuda.Stream()
-        self.d_in = cuda.DeviceBuffer(int(np.prod(self.max_shape)) * 4)
+        self.d_in = cuda.DeviceBuffer(int(np.prod(self.max_shape)) * np.dtype(self.in_dtype).itemsize)
         self.d_out = cuda.DeviceBuffer(self.max_shape[0] * self.num_classes * 4)
         # pinned host staging: truly asynchronous copies (pageable ones are staged by the driver)
-        self.h_in = cuda.HostBuffer(self.max_shape, np.float32)
+        self.h_in = cuda.HostBuffer(self.max_shape, self.in_dtype)
         self.h_out = cuda.HostBuffer((self.max_shape[0], self.num_classes), np.float32)
         self.ev_start, self.ev_end = cuda.Event(), cuda.Event()
         self.device_ms: list[float] = []  # device time of each enqueue (CUDA events), trtexec's "GPU Compute"
@@ -339,7 +344,7 @@ class TrtEngine:
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Logits for any batch size: split into chunks of at most the profile's maximum, and a chunk below its
         minimum padded with zeros (the padding's rows are dropped)."""
-        x = np.ascontiguousarray(x, np.float32)
+        x = np.ascontiguousarray(x, self.in_dtype)
         if tuple(x.shape[1:]) != tuple(self.max_shape[1:]):
             raise EngineError(f"input of shape {tuple(x.shape)} does not fit {self.path.name}, which takes "
                               f"(N, {', '.join(map(str, self.max_shape[1:]))}): check the preprocessing size.")
@@ -352,7 +357,7 @@ class TrtEngine:
     def _infer_chunk(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         n = len(x)
         if n < self.min_shape[0]:
-            x = np.concatenate([x, np.zeros((self.min_shape[0] - n, *x.shape[1:]), np.float32)])
+            x = np.concatenate([x, np.zeros((self.min_shape[0] - n, *x.shape[1:]), x.dtype)])
         b = x.shape[0]
         self.h_in.array[:b] = x
         self.stream.copy_in(self.d_in, self.h_in.array[:b])

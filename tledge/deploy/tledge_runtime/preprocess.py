@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -120,9 +120,37 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
+# How an image is fitted to the network's square input (the deployment resize modes). The names are the
+# contract stored in the model card; DeepStream's nvinfer settings for each are in tledge/deploy/deepstream.py.
+#   shorter-side+center-crop  resize the shorter side to ``resize``, centre-crop ``crop`` (torchvision; default)
+#   stretch                   resize the whole image to crop x crop, ignoring its aspect ratio
+#                             (nvinfer maintain-aspect-ratio=0)
+#   letterbox                 fit the whole image inside crop x crop keeping its aspect ratio, centred, the
+#                             border black (nvinfer maintain-aspect-ratio=1 symmetric-padding=1)
+#   letterbox-topleft         the same, the image at the top-left corner and the border right and bottom
+#                             (nvinfer maintain-aspect-ratio=1 symmetric-padding=0, nvinfer's default)
+# The stretch and letterbox modes follow nvinfer's rules (gstnvinfer.cpp, get_converted_buffer): the source
+# is first cut to an even width and height, the scaled size is truncated to whole pixels, the border is 0.
+RESIZE_MODES = ("shorter-side+center-crop", "stretch", "letterbox", "letterbox-topleft")
+DEFAULT_RESIZE_MODE = RESIZE_MODES[0]
+# What the graph's input tensor holds: "normalized" ((x/255 - mean)/std, float32, what the PyTorch model
+# takes) or "raw" (the 0-255 RGB pixels, float32 or uint8; the graph normalises them itself, `--input raw`).
+INPUT_KINDS = ("normalized", "raw")
+INPUT_DTYPES = {"normalized": ("float32",), "raw": ("float32", "uint8")}
+
+
+def letterbox_geometry(src_w: int, src_h: int, net: int) -> tuple[int, int]:
+    """(width, height) of the scaled image inside a net x net letterbox, as nvinfer computes it."""
+    src_w, src_h = src_w - src_w % 2, src_h - src_h % 2
+    hdest = net * src_h / float(src_w)
+    wdest = net * src_w / float(src_h)
+    return (net, int(hdest)) if hdest <= net else (int(wdest), net)
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the shorter side, centre-crop, scale to [0,1], normalise; RGB, NCHW float32."""
+    """Fit the image to crop x crop (``resize_mode``), then scale to [0,1] and normalise (or, with
+    ``input="raw"``, keep the 0-255 pixels for a graph that normalises itself); RGB, NCHW."""
 
     resize: int
     crop: int
@@ -133,12 +161,20 @@ class Preprocess:
     layout: str = "NCHW"
     dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
+    resize_mode: str = DEFAULT_RESIZE_MODE
+    input: str = "normalized"
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation '{self.interpolation}' not one of {sorted(_INTERPOLATIONS)}")
         if self.crop > self.resize:
             raise ValueError(f"crop {self.crop} larger than resize {self.resize}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode '{self.resize_mode}' not one of {', '.join(RESIZE_MODES)}")
+        if self.input not in INPUT_KINDS:
+            raise ValueError(f"input '{self.input}' not one of {', '.join(INPUT_KINDS)}")
+        if self.dtype not in INPUT_DTYPES[self.input]:
+            raise ValueError(f"a {self.input} input is {' or '.join(INPUT_DTYPES[self.input])}, not {self.dtype}")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -147,7 +183,14 @@ class Preprocess:
     def scaled(self, crop: int) -> "Preprocess":
         """The same recipe at another input size, keeping the resize/crop ratio."""
         resize = int(round(crop * self.resize / self.crop))
-        return Preprocess(resize, crop, self.mean, self.std, self.interpolation)
+        return replace(self, resize=resize, crop=crop)
+
+    def with_resize_mode(self, mode: str) -> "Preprocess":
+        return replace(self, resize_mode=mode)
+
+    def with_input(self, kind: str, dtype: str = "float32") -> "Preprocess":
+        """The recipe for a graph that takes ``kind`` input (see INPUT_KINDS)."""
+        return replace(self, input=kind, dtype=dtype if kind == "raw" else "float32")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -159,9 +202,29 @@ class Preprocess:
         return cls(resize=int(d["resize"]), crop=int(d["crop"]), mean=tuple(d["mean"]),
                    std=tuple(d["std"]), interpolation=d.get("interpolation", "bilinear"),
                    channel_order=d.get("channel_order", "RGB"), layout=d.get("layout", "NCHW"),
-                   dtype=d.get("dtype", "float32"), extra=dict(d.get("extra", {})))
+                   dtype=d.get("dtype", "float32"), extra=dict(d.get("extra", {})),
+                   resize_mode=d.get("resize_mode", DEFAULT_RESIZE_MODE), input=d.get("input", "normalized"))
 
     def resize_crop(self, im: Image.Image) -> Image.Image:
+        """The image fitted to crop x crop by ``resize_mode`` (an RGB PIL image)."""
+        c = self.crop
+        interp = _INTERPOLATIONS[self.interpolation]
+        if self.resize_mode == "shorter-side+center-crop":
+            return self._shorter_side_center_crop(im)
+        w, h = im.size
+        if w < 2 or h < 2:
+            raise ValueError(f"image {w}x{h} too small for {self.resize_mode} (nvinfer needs at least 2x2)")
+        even = im if (w % 2 == 0 and h % 2 == 0) else im.crop((0, 0, w - w % 2, h - h % 2))
+        if self.resize_mode == "stretch":
+            return even if even.size == (c, c) else even.resize((c, c), interp)
+        dw, dh = letterbox_geometry(w, h, c)
+        scaled = even if even.size == (dw, dh) else even.resize((dw, dh), interp)
+        canvas = Image.new("RGB", (c, c), (0, 0, 0))
+        left, top = ((c - dw) // 2, (c - dh) // 2) if self.resize_mode == "letterbox" else (0, 0)
+        canvas.paste(scaled, (left, top))
+        return canvas
+
+    def _shorter_side_center_crop(self, im: Image.Image) -> Image.Image:
         """Pillow resize of the shorter side to ``resize`` and centre crop to ``crop`` (torchvision's
         size and rounding rules)."""
         w, h = im.size
@@ -178,15 +241,29 @@ class Preprocess:
         left = int(round((w - c) / 2.0))
         return im.crop((left, top, left + c, top + c))
 
+    def pixels(self, im: Image.Image) -> np.ndarray:
+        """An RGB PIL image -> its fitted 0-255 pixels, uint8 (3, crop, crop)."""
+        return np.ascontiguousarray(np.asarray(self.resize_crop(im), dtype=np.uint8).transpose(2, 0, 1))
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 pixels (..., 3, H, W) -> (x/255 - mean)/std, float32: the same float32 operations, in the
+        same order, as torchvision's ToTensor + Normalize."""
+        arr = np.asarray(pixels, dtype=np.float32) / 255.0
+        return (arr - np.asarray(self.mean, np.float32)[:, None, None]) / np.asarray(self.std, np.float32)[:, None, None]
+
+    def finish(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 pixels -> this recipe's input tensor (normalised, or raw in ``dtype``)."""
+        if self.input == "raw":
+            return np.ascontiguousarray(pixels.astype(self.dtype, copy=False))
+        return np.ascontiguousarray(self.normalize(pixels))
+
     def to_array(self, im: Image.Image) -> np.ndarray:
-        """An RGB PIL image -> normalised float32 array (3, crop, crop)."""
-        arr = np.asarray(self.resize_crop(im), dtype=np.float32) / 255.0
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        """An RGB PIL image -> the graph's input array (3, crop, crop)."""
+        return self.finish(self.pixels(im))
 
     def __call__(self, path_or_image: str | os.PathLike | Image.Image) -> np.ndarray:
         im = path_or_image if isinstance(path_or_image, Image.Image) else load_image(path_or_image)
         return self.to_array(im)
 
     def batch(self, paths: list[str]) -> np.ndarray:
-        return np.stack([self(p) for p in paths]) if paths else np.zeros((0, *self.input_shape), np.float32)
+        return np.stack([self(p) for p in paths]) if paths else np.zeros((0, *self.input_shape), self.dtype)

@@ -32,7 +32,7 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
     samples, where = calibration_samples(card, cfg.calib, rep)
     note(f"calibration: {len(samples)} images from {where}")
     with EvalSet(samples, pre, label="calibration images") as calib:
-        x = np.array(calib.x)
+        x = calib.pre.finish(np.asarray(calib.x))  # normalised: the INT8 passes work on the FP32 graph's input
     judge_idx, fit_idx = judge_split(len(x), cfg.calib.judge_images)
     ctx = Int8Context(cfg, base=fp32, judge=x[judge_idx], fit=x[fit_idx],
                       calib_batches=[x[i:i + 32] for i in range(0, len(x), 32)], card=card,
