@@ -57,6 +57,10 @@ def print_report(result: dict[str, Any]) -> None:
         by_reason.setdefault(s["reason"], []).append(s["artefact"])
     for reason, names in by_reason.items():
         out.print(f"skipped ({reason}): {', '.join(names)}")
+    rm = result.get("resize_mode") or {}
+    if rm.get("measured") and rm.get("measured") != rm.get("tuned"):
+        out.print(f"accuracy measured with images fitted by '{rm['measured']}'; the model was tuned with "
+                  f"'{rm['tuned']}': top-1 here is what a deployment that resizes this way gets")
     power = result["machine"].get("power")
     if power and not power.get("max_mode"):
         warn(f"the Jetson is in power mode {power.get('nvpmodel')!r}, not MAXN: latencies are not its best "

@@ -79,7 +79,8 @@ def wrap_staged(stage: Any, card: dict[str, Any], manifest: dict[str, Any], eval
     from tledge.export import artefacts, ort
     from tledge.export import onnx as onnx_io
 
-    pre = card_preprocess(card)
+    from tledge.card import preprocess_of
+    pre = preprocess_of(card)
     raw_pre = pre.with_input("raw", dtype)
     n = min(CHECK_IMAGES, len(evalset))
     labels = evalset.labels[:n]
@@ -114,11 +115,6 @@ def wrap_staged(stage: Any, card: dict[str, Any], manifest: dict[str, Any], eval
         manifest["artefacts"][key] = onnx_io.file_info([path])
     return {"kind": "raw", "dtype": dtype, "layout": "NCHW", "channel_order": "RGB", "range": [0, 255],
             "checks": checks, "preprocess": raw_pre.to_dict()}
-
-
-def card_preprocess(card: dict[str, Any]) -> Any:
-    from tledge.card import preprocess_of
-    return preprocess_of(card)
 
 
 def raw_metadata(raw_pre: Any) -> dict[str, str]:
