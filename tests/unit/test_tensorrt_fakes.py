@@ -196,11 +196,13 @@ class FakeGraph:
 class FakeEngine(rt.TrtEngine):
     """A TrtEngine whose TensorRT context and CUDA objects are fakes; its infer logic is the real one."""
 
-    def __init__(self, lo: int, hi: int, capture_fails: bool = False, cuda_graph: bool = False) -> None:
+    def __init__(self, lo: int, hi: int, capture_fails: bool = False, cuda_graph: bool = False,
+                 in_dtype: type = np.float32) -> None:
         self.path, self.cuda_graph, self.graphs, self.device_ms = Path("model.int8.engine"), cuda_graph, {}, []
         self.min_shape, self.max_shape, self.num_classes, self.input_name = (lo, 3, 2, 2), (hi, 3, 2, 2), 3, "input"
         self.stream, self.d_in, self.d_out = FakeStream(), object(), object()
-        self.h_in = SimpleNamespace(array=np.zeros(self.max_shape, np.float32))
+        self.in_dtype = in_dtype
+        self.h_in = SimpleNamespace(array=np.zeros(self.max_shape, in_dtype))
         self.h_out = SimpleNamespace(array=np.zeros((hi, 3), np.float32))
         self.ev_start, self.ev_end = FakeEvent(), FakeEvent()
         self.context = FakeContext(self, lo, hi, capture_fails)
@@ -211,6 +213,17 @@ class FakeEngine(rt.TrtEngine):
 
     def _new_graph(self) -> FakeGraph:
         return FakeGraph(self)
+
+
+def test_a_uint8_input_engine_gets_uint8_pixels() -> None:
+    """An engine of a graph exported with --input raw --input-dtype uint8: the pixels reach the device as uint8
+    (no float conversion on the host), padded and chunked like any other batch."""
+    eng = FakeEngine(2, 4, in_dtype=np.uint8)
+    x = np.random.default_rng(1).integers(0, 256, (5, 3, 2, 2)).astype(np.uint8)
+    y = eng.infer(x)
+    assert eng.h_in.array.dtype == np.uint8
+    np.testing.assert_array_equal(y[:, 0], x.reshape(5, -1).sum(1))  # uint8 rows summed by the fake network
+    assert eng.context.shapes == [(4, 3, 2, 2), (2, 3, 2, 2)]
 
 
 def test_any_batch_is_split_and_padded_to_the_profile() -> None:
