@@ -175,6 +175,16 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
               help="INT8: learned rounding iterations per layer.")
 @click.option("--adaround-layers", type=click.IntRange(1), default=16, show_default=True,
               help="INT8: learn the rounding of at most this many layers, those nearest rounding costs most first.")
+@click.option("--qat", type=click.Choice(["off", "on", "auto"]), default="off", show_default=True, is_flag=False,
+              flag_value="on",
+              help="INT8: quantization-aware fine-tuning through the graph's own quantizers, distilled from FP32 on "
+                   "training images: on (both forms), auto (only when the gate misses --max-drop, before keeping "
+                   "quantizers in float). `--qat` alone means on.")
+@click.option("--qat-steps", type=click.IntRange(1), default=300, show_default=True, help="QAT training steps.")
+@click.option("--qat-batch", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--qat-lr", type=float, default=1e-5, show_default=True, help="QAT learning rate (Adam).")
+@click.option("--qat-scales", type=click.Choice(["fixed", "learned"]), default="fixed", show_default=True,
+              help="QAT: keep the calibrated activation scales, or learn them (LSQ-style).")
 @click.option("--engine", type=click.Choice(["fp16", "int8"]), default=None,
               help="Build this TensorRT engine (fails without TensorRT).")
 @click.option("--batch", default="1,1,32", show_default=True,
@@ -196,8 +206,8 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: str, percentile: float, calib: str,
            calib_count: int, max_drop: float, no_fallback: bool, no_cle: bool, no_bias_correction: bool,
            bias_correction_mode: str, no_head_refit: bool, refit_count: int, refit_distill: float, escalate: str,
-           target_agreement: float, adaround: bool, adaround_iters: int, adaround_layers: int,
-           engine: str | None, batch: str, workspace: int, dla_core: int | None, timing_cache: Path | None,
+           target_agreement: float, adaround: bool, adaround_iters: int, adaround_layers: int, qat: str,
+           qat_steps: int, qat_batch: int, qat_lr: float, qat_scales: str, engine: str | None, batch: str, workspace: int, dla_core: int | None, timing_cache: Path | None,
            input_kind: str, input_dtype: str, opset: int, simplify: bool, threads: int | None) -> None:
     """Export RUN as ONNX (checked against PyTorch), FP16/INT8 graphs and TensorRT engines."""
     from tledge.export.config import CalibConfig, EngineOptions, ExportConfig, GateConfig, Int8Config
@@ -212,7 +222,8 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
                          bias_correction="off" if no_bias_correction else bias_correction_mode,
                          head_refit=not no_head_refit, refit_count=refit_count, refit_distill=refit_distill,
                          escalate=escalate, target_agreement=target_agreement, adaround=adaround,
-                         adaround_iters=adaround_iters, adaround_layers=adaround_layers),
+                         adaround_iters=adaround_iters, adaround_layers=adaround_layers, qat=qat,
+                         qat_steps=qat_steps, qat_batch=qat_batch, qat_lr=qat_lr, qat_scales=qat_scales),
         gate=GateConfig(max_drop=max_drop, fallback=not no_fallback),
         engine=EngineOptions(engine=engine, batch=parse_batch(batch), workspace_mib=workspace, dla_core=dla_core,
                              timing_cache=str(timing_cache) if timing_cache else None))

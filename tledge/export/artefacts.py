@@ -21,6 +21,12 @@ STAGING = ".export-staging"                          # export writes here, then 
 ENGINE_PRECISIONS = ("fp16", "int8")
 BENCH_FILES = ("bench.json", "bench.csv", "bench.png")
 BUNDLE_NAME = "deploy"
+QAT_DIR = "qat"                                      # QAT weights per form (qat/<form>.safetensors)
+
+
+def qat_file(form: str) -> str:
+    """The quantization-aware fine-tuned weights of a form (float weights and biases, activation scales)."""
+    return f"{QAT_DIR}/{form}.safetensors"
 
 
 def timing_cache_file(fingerprint_key: str) -> str:
@@ -52,7 +58,7 @@ def export_outputs(run: str | Path) -> list[Path]:
         out += [run / name, run / f"{name}.data"]
     for prec in ENGINE_PRECISIONS:
         out += [run / engine_file(prec), run / f"{engine_file(prec)}.json"]
-    out += [run / CALIBRATION, run / "model.slim.onnx", run / MANIFEST]
+    out += [run / CALIBRATION, run / "model.slim.onnx", run / QAT_DIR, run / MANIFEST]
     return out
 
 

@@ -16,6 +16,8 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 FORM_NAMES = ("tensorrt", "cpu")
 BIAS_CORRECTION_MODES = ("auto", "analytic", "empirical", "off")
 ESCALATION_MODES = ("auto", "on", "off")
+QAT_MODES = ("off", "on", "auto")
+QAT_SCALES = ("fixed", "learned")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,13 @@ class Int8Config:
     target_agreement: float = 0.96      # top-1 agreement with FP32 on the judge images that the cheap plan must
                                         # reach; below it the expensive passes run (--escalate auto)
     escalate: str = "auto"              # auto | on (always run the expensive passes) | off (never)
+    qat: str = "off"                    # quantization-aware fine-tuning: off | on | auto (when the gate misses
+                                        # --max-drop, before keeping quantizers in float)
+    qat_steps: int = 300                # training steps (the budget counts steps, never seconds)
+    qat_batch: int = 32
+    qat_lr: float = 1e-5                # Adam, weights and biases (learned scales: 10x)
+    qat_scales: str = "fixed"           # fixed (the calibrated ranges) | learned (LSQ-style)
+    qat_patience: int = 3               # held-out checks (every steps/10) without improvement before stopping
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,17 @@ class ExportConfig:
             if v < 1:
                 raise UsageError(f"{name} {v} is not a positive count.",
                                  "pass a positive number (budgets count iterations, layers and images).")
+        if q.qat not in QAT_MODES or q.qat_scales not in QAT_SCALES:
+            raise UsageError(f"--qat {q.qat} / --qat-scales {q.qat_scales}: choices {', '.join(QAT_MODES)} / "
+                             f"{', '.join(QAT_SCALES)}.", "pass e.g. --qat on --qat-scales fixed.")
+        if q.qat != "off" and not (self.int8 or self.engine.engine == "int8"):
+            raise UsageError(f"--qat {q.qat} fine-tunes the INT8 graphs, but no INT8 export was asked for.",
+                             "add --int8 (e.g. `tledge export RUN --int8 --qat on`).")
+        for name, v in (("--qat-steps", q.qat_steps), ("--qat-batch", q.qat_batch), ("--qat-patience", q.qat_patience)):
+            if v < 1:
+                raise UsageError(f"{name} {v} is not a positive count.", f"pass {name} 1 or more.")
+        if not q.qat_lr > 0:
+            raise UsageError(f"--qat-lr {q.qat_lr} is not a positive learning rate.", "pass e.g. --qat-lr 1e-5.")
         if not 0.0 < q.target_agreement <= 1.0:
             raise UsageError(f"--target-agreement {q.target_agreement} is not in (0, 1].", "pass e.g. 0.97.")
         if g.max_drop < 0 or not 0 < g.max_fallback_fraction <= 1:

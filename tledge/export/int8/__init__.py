@@ -47,7 +47,14 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
     try:
         for form in cfg.quant.forms:
             state, record = plan.run_form(form, ctx)
-            q, report = gate(ctx, state, evalset, ref)
+            rescue = None
+            if cfg.quant.qat == "on":
+                record["qat"] = run_qat(state, ctx)
+            elif cfg.quant.qat == "auto":
+                rescue = lambda s: run_qat(s, ctx)  # noqa: E731 - only when the gate misses --max-drop
+            q, report = gate(ctx, state, evalset, ref, rescue=rescue)
+            if state.rounding_name == "qat":
+                section.setdefault("qat", {})[form] = save_qat(ctx, form, Path(dest or run))
             if form == "tensorrt":
                 problems = check_tensorrt_qdq(q)
                 if problems:
@@ -70,6 +77,26 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
     section["calibration"] = {**calib_rec, "source": where}
     section["files"] = files
     return section
+
+
+def run_qat(state: Any, ctx: Int8Context) -> dict[str, Any]:
+    from tledge.export.int8.passes.qat import Qat
+    from tledge.export.int8.plan import run_timed
+    return run_timed(Qat().run, state, ctx).to_dict()
+
+
+def save_qat(ctx: Int8Context, form: str, dest: Path) -> dict[str, Any]:
+    """The QAT weights of ``form`` as their own artefact (safetensors: float weights and biases by initializer
+    name, activation scales), written atomically into the export's staging folder."""
+    from safetensors.numpy import save_file
+
+    from tledge.fsutil import atomic_path, sha256_file
+    tensors = ctx.cache.pop(("qat", form))
+    p = dest / artefacts.qat_file(form)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(p) as tmp:
+        save_file(tensors, str(tmp), metadata={"tledge.form": form, "tledge.kind": "qat"})
+    return {"file": artefacts.qat_file(form), "tensors": len(tensors), "sha256": sha256_file(p)}
 
 
 def refit_reference(ctx: Int8Context, section: dict[str, Any], evalset: EvalSet, ref: np.ndarray) -> None:

@@ -47,6 +47,7 @@ class FormState:
     rounding: dict[str, np.ndarray] = field(default_factory=dict)   # learned weight rounding (empty: nearest)
     rounding_name: str = "nearest"
     float_tensors: tuple[str, ...] = ()          # activation quantizers the gate removed
+    act_qparams: dict[str, tuple[float, int]] = field(default_factory=dict)  # learned (scale, zero-point) (QAT)
 
     def copy(self, **changes: Any) -> "FormState":
         d = {**self.__dict__, **changes}
@@ -88,7 +89,8 @@ class Int8Context:
         if self.stats is None:
             raise RuntimeError("calibration statistics are needed before quantizing")
         return quantize_model(s.model, self.stats, s.form, s.method, self.cfg.calib.percentile,
-                              weight_overrides=s.rounding or None, exclude_tensors=set(s.float_tensors))
+                              weight_overrides=s.rounding or None, exclude_tensors=set(s.float_tensors),
+                              act_overrides=s.act_qparams or None)
 
     def score(self, model: Any) -> dict[str, float]:
         """How far ``model``'s logits are from FP32 on the judge images: mean squared difference and top-1

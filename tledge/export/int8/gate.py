@@ -10,7 +10,7 @@ quantizers in place). One network run for the ranking, then one quantize + val r
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -49,9 +49,12 @@ def val_result(q: Any, evalset: EvalSet, ref: np.ndarray, threads: int | None, l
     return compare(z, ref, evalset.labels)
 
 
-def gate(ctx: Int8Context, state: FormState, evalset: EvalSet, ref: np.ndarray) -> tuple[Any, dict[str, Any]]:
+def gate(ctx: Int8Context, state: FormState, evalset: EvalSet, ref: np.ndarray,
+         rescue: Callable[[FormState], dict[str, Any]] | None = None) -> tuple[Any, dict[str, Any]]:
     """Quantize, measure the val drop, and keep the most damaging quantizers in float until the drop is
-    within --max-drop. Raises AccuracyError (saying how far it got) when it cannot."""
+    within --max-drop. ``rescue`` (``--qat auto``) runs first when the drop is missed: it changes ``state``
+    in place (fine-tuning through the quantizers) and returns its record; the fallback follows only if the
+    drop is still missed. Raises AccuracyError (saying how far it got) when it cannot."""
     g, form = ctx.cfg.gate, state.form
     q = ctx.quantize(state)
     res = val_result(q, evalset, ref, ctx.threads, f"val INT8 ({form})")
@@ -59,6 +62,15 @@ def gate(ctx: Int8Context, state: FormState, evalset: EvalSet, ref: np.ndarray) 
                               "kept_float": [], "steps": []}
     note(f"INT8 {form} ({state.method}): val top-1 {res['top1']:.4f}, drop {res['drop_points']:.2f} pt, "
          f"agreement with FP32 {res['top1_agreement']:.2%} (limit {g.max_drop} pt)")
+    if res["drop_points"] > g.max_drop and rescue is not None:
+        note(f"INT8 {form}: {res['drop_points']:.2f} pt misses --max-drop {g.max_drop}: fine-tuning through the "
+             "quantizers (--qat auto) before keeping any in float")
+        report["rescue"] = rescue(state)
+        q = ctx.quantize(state)
+        res = val_result(q, evalset, ref, ctx.threads, f"val INT8 ({form}, after QAT)")
+        report["after_rescue"] = res
+        note(f"INT8 {form} after QAT: val top-1 {res['top1']:.4f}, drop {res['drop_points']:.2f} pt, agreement "
+             f"with FP32 {res['top1_agreement']:.2%}")
     if res["drop_points"] <= g.max_drop:
         report["final"] = res
         return q, report

@@ -53,7 +53,7 @@ class FormPass(Protocol):
     def run(self, state: FormState, ctx: Int8Context) -> PassRecord: ...
 
 
-def _timed(fn: Any, *args: Any) -> PassRecord:
+def run_timed(fn: Any, *args: Any) -> PassRecord:
     t0 = time.perf_counter()
     rec = fn(*args)
     rec.seconds = round(time.perf_counter() - t0, 3)
@@ -100,14 +100,14 @@ class Plan:
         recs = []
         for p in self.graph:
             on, why = p.enabled(ctx.cfg)
-            recs.append(_timed(p.run, ctx) if on else PassRecord(p.name, "graph", "skipped", why))
+            recs.append(run_timed(p.run, ctx) if on else PassRecord(p.name, "graph", "skipped", why))
         return recs
 
     def _run_form_passes(self, passes: list[FormPass], state: FormState, ctx: Int8Context) -> list[PassRecord]:
         recs = []
         for p in passes:
             on, why = p.enabled(ctx.cfg)
-            recs.append(_timed(p.run, state, ctx) if on else PassRecord(p.name, state.form, "skipped", why))
+            recs.append(run_timed(p.run, state, ctx) if on else PassRecord(p.name, state.form, "skipped", why))
         return recs
 
     def run_form(self, form: str, ctx: Int8Context) -> tuple[FormState, dict[str, Any]]:

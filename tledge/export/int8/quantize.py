@@ -170,11 +170,13 @@ def quantized_tensors(model: Any, form_name: str) -> list[str]:
 def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, method: str,
                    percentile: float = 99.99, exclude: frozenset[str] | set[str] = frozenset(),
                    weight_overrides: dict[str, np.ndarray] | None = None,
-                   exclude_tensors: frozenset[str] | set[str] = frozenset()) -> Any:
+                   exclude_tensors: frozenset[str] | set[str] = frozenset(),
+                   act_overrides: dict[str, tuple[float, int]] | None = None) -> Any:
     """A Q/DQ copy of ``fp32`` in the given form. ``weight_overrides`` maps a weight initializer name to
     its already-rounded INT8 values (learned rounding); scales stay the per-channel max rule. Nodes in
     ``exclude`` stay float entirely; activation tensors in ``exclude_tensors`` get no quantizer (their
-    consumers read them in float), which is what the accuracy gate keeps in float."""
+    consumers read them in float), which is what the accuracy gate keeps in float. ``act_overrides`` maps an
+    activation tensor to its (scale, zero-point) when they were learned (QAT with learned scales)."""
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
@@ -196,7 +198,8 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
     for t, cons in wants.items():
         if t not in stats:
             raise KeyError(f"no calibration statistics for tensor {t!r}")
-        scale, zp = _act_qparams(stats[t], form, method, percentile)
+        scale, zp = (act_overrides[t] if act_overrides and t in act_overrides
+                     else _act_qparams(stats[t], form, method, percentile))
         act_scale[t] = scale
         s_name, z_name = f"{t}__scale", f"{t}__zp"
         new_inits.append(numpy_helper.from_array(np.array(scale, np.float32), s_name))

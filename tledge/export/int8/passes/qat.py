@@ -1,0 +1,378 @@
+"""Quantization-aware fine-tuning (`tledge export --int8 --qat`): train the merged network through the very
+quantizers tledge's Q/DQ graph has, then write the result back as the same INT8 graph.
+
+The network trained is the form's Q/DQ graph itself, interpreted op by op in torch (``QdqNet``), so the fake
+quantization sits exactly where the exported graph quantizes, with its signedness, zero-points and ranges:
+- each activation QuantizeLinear/DequantizeLinear pair becomes ``(clamp(round(x/s) + z, lo, hi) - z) * s`` with a
+  straight-through round (int8, z = 0 for the TensorRT form; uint8 with its zero-point for the CPU form);
+- each weight DequantizeLinear becomes per-channel symmetric fake quantization with tledge's own scale rule
+  (max |w| / 127, narrow range), recomputed from the current weights, as quantize_model will at export;
+- BatchNorm is already folded into the convolutions by the ONNX export, so it cannot drift.
+Training starts from the PTQ recipe (calibrated ranges, learned rounding when present: the starting weights
+are the dequantized INT8 weights, so step 0 is the PTQ graph exactly), distils from the FP32 graph's logits on
+training images (never val), and keeps the weights with the lowest distillation loss on held-out training
+images (early stopping). Scales are fixed by default (``--qat-scales learned`` trains them, LSQ-style).
+The result is a new FormState: float weights and biases whose nearest rounding is what was trained, plus the
+learned activation scales; the gate and the writer then treat it like any other recipe. torch runs on one
+thread here (a fixed reduction order: the same graph whatever --threads says).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from tledge.console import note, progress
+from tledge.errors import UsageError
+from tledge.export.config import ExportConfig
+from tledge.export.int8.context import FormState, Int8Context, torch_threads
+from tledge.export.int8.plan import PassRecord
+from tledge.faults import maybe_interrupt
+
+SUPPORTED = {"Conv", "Gemm", "Clip", "Relu", "Add", "Sub", "Mul", "Div", "GlobalAveragePool", "Flatten", "Pad",
+             "Reshape", "ReduceMean", "Concat", "Sigmoid", "Identity", "MaxPool", "AveragePool",
+             "QuantizeLinear", "DequantizeLinear"}
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    from onnx import helper
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def round_ste(v: Any) -> Any:
+    """round(v) forward (half to even, as ONNX QuantizeLinear), identity backward."""
+    import torch
+    return v + (torch.round(v) - v).detach()
+
+
+def fake_quant(x: Any, scale: Any, zp: int, lo: int, hi: int) -> Any:
+    import torch
+    return (torch.clamp(round_ste(x / scale) + zp, lo, hi) - zp) * scale
+
+
+def weight_fake_quant(w: Any, axis: int) -> Any:
+    """Per-channel symmetric narrow-range fake quantization: the scale rule of quantize.weight_scales."""
+    import torch
+    dims = tuple(i for i in range(w.dim()) if i != axis)
+    amax = w.detach().abs().amax(dim=dims, keepdim=True)
+    s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.clamp(round_ste(w / s), -127, 127) * s
+
+
+def build(q: Any, learn_scales: bool = False) -> Any:
+    """A torch module computing the Q/DQ graph ``q`` with trainable weights and biases (``q``'s dequantized
+    weights and biases) and fake quantizers at its Q/DQ pairs. At its start it computes ``q`` itself."""
+    import torch
+    from onnx import numpy_helper
+
+    from tledge.export.int8.quantize import weight_axis
+
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    producer = {o: n for n in q.graph.node for o in n.output}
+    bad = sorted({n.op_type for n in q.graph.node} - SUPPORTED)
+    if bad:
+        raise UsageError(f"--qat does not support the ops {', '.join(bad)} of this network yet.",
+                         "export without --qat (post-training INT8), or use --fp16.")
+
+    def _value(name: str) -> np.ndarray:
+        """An initializer, or the dequantized value of a DequantizeLinear of initializers, as float32."""
+        if name in inits:
+            return np.ascontiguousarray(inits[name].astype(np.float32))
+        dq = producer[name]
+        v = inits[dq.input[0]].astype(np.float64)
+        s = inits[dq.input[1]].astype(np.float64)
+        z = inits[dq.input[2]].astype(np.float64) if len(dq.input) > 2 else 0.0
+        axis = int(_attr(dq, "axis", 1))
+        shape = [1] * v.ndim
+        if np.ndim(s) == 1 and v.ndim > 0:
+            shape[axis] = -1
+            s, z = s.reshape(shape), np.reshape(z, shape) if np.ndim(z) else z
+        return np.ascontiguousarray(((v - z) * s).astype(np.float32))
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w, self.b, self.s = torch.nn.ParameterDict(), torch.nn.ParameterDict(), torch.nn.ParameterDict()
+            self.steps: list[tuple[str, Any]] = []
+            self.consts: dict[str, Any] = {}
+            self.qparams: dict[str, tuple[int, int, int]] = {}   # Q node -> (zp, lo, hi)
+            self.act_of: dict[str, str] = {}                      # Q node -> activation tensor it quantizes
+            self.weight_axis: dict[str, int] = {}
+            self.node_of: dict[str, str] = {}                     # parameter key -> Conv/Gemm node name
+            skip_dq = set()
+            for n in q.graph.node:
+                if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+                    skip_dq.add(n.output[0])  # weight / bias DQ: replaced by parameters
+            self.skip = skip_dq
+            for n in q.graph.node:
+                key = _key(n.name)
+                if n.op_type in ("Conv", "Gemm"):
+                    self.node_of[key] = n.name
+                    if n.input[1] in skip_dq:  # quantized weight: start from its dequantized INT8 values
+                        self.weight_axis[key] = weight_axis(n)
+                    self.w[key] = torch.nn.Parameter(torch.from_numpy(_value(n.input[1])))
+                    if len(n.input) > 2 and n.input[2]:  # float bias, or the CPU form's int32 bias dequantized
+                        self.b[key] = torch.nn.Parameter(torch.from_numpy(_value(n.input[2])))
+                elif n.op_type == "QuantizeLinear":
+                    s = float(inits[n.input[1]])
+                    zdt = q_dtype(q, n.input[2])
+                    zp = int(inits[n.input[2]]) if len(n.input) > 2 else 0
+                    lo, hi = (-128, 127) if zdt == "int8" else (0, 255)
+                    self.qparams[key] = (zp, lo, hi)
+                    self.s[key] = torch.nn.Parameter(torch.tensor(s, dtype=torch.float32), requires_grad=learn_scales)
+                    self.act_of[key] = n.input[0]
+                for i in n.input:
+                    if i in inits and i not in self.consts and n.op_type not in ("QuantizeLinear",) and \
+                            not (n.op_type == "DequantizeLinear"):
+                        self.consts[i] = torch.from_numpy(np.array(inits[i]))
+                self.steps.append((key, n))
+
+        def forward(self, x: Any, trace: dict[str, Any] | None = None) -> Any:
+            """The graph's output; with ``trace``, every tensor computed is also stored there by name."""
+            import torch.nn.functional as F
+            env: dict[str, Any] = {q.graph.input[0].name: x} if trace is None else trace
+            env[q.graph.input[0].name] = x
+            for key, n in self.steps:
+                op = n.op_type
+                if op == "DequantizeLinear":
+                    if n.output[0] in self.skip:
+                        continue
+                    env[n.output[0]] = env[n.input[0]]  # the fake quantizer already dequantized
+                    continue
+                ins = [env[i] if i in env else self.consts.get(i) for i in n.input]
+                if op == "QuantizeLinear":
+                    zp, lo, hi = self.qparams[key]
+                    y = fake_quant(ins[0], self.s[key], zp, lo, hi)
+                elif op == "Conv":
+                    w = self.w[key]
+                    if key in self.weight_axis:
+                        w = weight_fake_quant(w, self.weight_axis[key])
+                    pads = list(_attr(n, "pads", [0, 0, 0, 0]))
+                    xin = ins[0]
+                    if pads[0] != pads[2] or pads[1] != pads[3]:
+                        xin = F.pad(xin, (pads[1], pads[3], pads[0], pads[2]))
+                        pad = (0, 0)
+                    else:
+                        pad = (pads[0], pads[1])
+                    y = F.conv2d(xin, w, self.b[key] if key in self.b else None, tuple(_attr(n, "strides", [1, 1])),
+                                 pad, tuple(_attr(n, "dilations", [1, 1])), int(_attr(n, "group", 1)))
+                elif op == "Gemm":
+                    w = self.w[key]
+                    if key in self.weight_axis:
+                        w = weight_fake_quant(w, self.weight_axis[key])
+                    a = ins[0].t() if _attr(n, "transA", 0) else ins[0]
+                    bm = w.t() if _attr(n, "transB", 0) else w
+                    y = float(_attr(n, "alpha", 1.0)) * (a @ bm)
+                    if key in self.b:
+                        y = y + float(_attr(n, "beta", 1.0)) * self.b[key]
+                elif op == "Clip":
+                    lo_ = float(ins[1]) if len(ins) > 1 and ins[1] is not None else None
+                    hi_ = float(ins[2]) if len(ins) > 2 and ins[2] is not None else None
+                    y = ins[0].clamp(lo_, hi_)
+                elif op == "Relu":
+                    y = F.relu(ins[0])
+                elif op in ("Add", "Sub", "Mul", "Div"):
+                    a, b = ins[0], ins[1]
+                    y = {"Add": lambda: a + b, "Sub": lambda: a - b, "Mul": lambda: a * b, "Div": lambda: a / b}[op]()
+                elif op == "GlobalAveragePool":
+                    y = ins[0].mean(dim=(2, 3), keepdim=True)
+                elif op == "Flatten":
+                    y = ins[0].flatten(int(_attr(n, "axis", 1)))
+                elif op == "Pad":
+                    p = [int(v) for v in ins[1]]
+                    k = len(p) // 2
+                    tp = []
+                    for d in reversed(range(k)):
+                        tp += [p[d], p[d + k]]
+                    val = float(ins[2]) if len(ins) > 2 and ins[2] is not None else 0.0
+                    y = F.pad(ins[0], tp, mode="constant", value=val)
+                elif op == "Reshape":
+                    shape = [int(v) for v in ins[1]]
+                    shape = [ins[0].shape[i] if v == 0 else v for i, v in enumerate(shape)]
+                    y = ins[0].reshape(shape)
+                elif op == "ReduceMean":
+                    axes = _attr(n, "axes", None)
+                    if axes is None and len(ins) > 1 and ins[1] is not None:
+                        axes = [int(v) for v in ins[1]]
+                    y = ins[0].mean(dim=tuple(axes), keepdim=bool(_attr(n, "keepdims", 1)))
+                elif op == "Concat":
+                    import torch as _t
+                    y = _t.cat(ins, dim=int(_attr(n, "axis", 1)))
+                elif op == "Sigmoid":
+                    y = ins[0].sigmoid()
+                elif op == "Identity":
+                    y = ins[0]
+                elif op in ("MaxPool", "AveragePool"):
+                    ks, st = tuple(_attr(n, "kernel_shape", [1, 1])), tuple(_attr(n, "strides", [1, 1]))
+                    pads = list(_attr(n, "pads", [0, 0, 0, 0]))
+                    fn_ = F.max_pool2d if op == "MaxPool" else F.avg_pool2d
+                    y = fn_(ins[0], ks, st, (pads[0], pads[1]))
+                else:  # guarded by SUPPORTED
+                    raise UsageError(f"--qat: op {op} not supported", "export without --qat.")
+                env[n.output[0]] = y
+            return env[q.graph.output[0].name]
+
+    return Net()
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "_")  # ParameterDict keys cannot hold dots
+
+
+def q_dtype(q: Any, zp_name: str) -> str:
+    from onnx import TensorProto
+    zp = next(i for i in q.graph.initializer if i.name == zp_name)
+    return "int8" if zp.data_type == TensorProto.INT8 else "uint8"
+
+
+def trained_tensors(net: Any, model: Any) -> dict[str, np.ndarray]:
+    """The trained float weights and biases by their initializer name in ``model`` (the form's float graph,
+    whose node names the Q/DQ graph keeps)."""
+    nodes = {n.name: n for n in model.graph.node}
+    out = {}
+    for key, p in net.w.items():
+        out[nodes[net.node_of[key]].input[1]] = p.detach().numpy().astype(np.float32).copy()
+    for key, p in net.b.items():
+        out[nodes[net.node_of[key]].input[2]] = p.detach().numpy().astype(np.float32).copy()
+    return out
+
+
+def write_back(net: Any, state: FormState) -> FormState:
+    """The trained weights, biases and (learned) activation scales as a FormState: its float graph holds the
+    trained float weights (quantize_model's nearest rounding of them is what the fake quantizers computed)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(state.model)
+    new = trained_tensors(net, state.model)
+    for init in m.graph.initializer:
+        if init.name in new:
+            init.CopyFrom(numpy_helper.from_array(new[init.name], init.name))
+    acts = {net.act_of[k]: (float(net.s[k].detach()), net.qparams[k][0]) for k in net.s} \
+        if any(p.requires_grad for p in net.s.values()) else {}
+    return state.copy(model=m, rounding={}, rounding_name="qat", act_qparams=acts)
+
+
+def expected_seconds(net: Any, x: Any, teacher: Any, opt_step: Any) -> float:
+    """Seconds of one training step on this machine, from two timed steps on a copy (only printed: no
+    decision depends on it)."""
+    import copy
+    probe = copy.deepcopy(net)
+    opt = opt_step(probe)
+    t = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        loss = distill_loss(probe(x), teacher)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        t.append(time.perf_counter() - t0)
+    return min(t)
+
+
+def distill_loss(z: Any, t: Any) -> Any:
+    """KL(softmax(t) || softmax(z)): the student follows the FP32 model's class distribution."""
+    import torch.nn.functional as F
+    return F.kl_div(F.log_softmax(z, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
+
+
+class Qat:
+    name = "qat"
+
+    def escalates(self, cfg: ExportConfig) -> bool:
+        return False
+
+    def enabled(self, cfg: ExportConfig) -> tuple[bool, str]:
+        q = cfg.quant
+        if q.qat == "off":
+            return False, "--qat off"
+        return True, f"{q.qat_steps} steps of batch {q.qat_batch}, scales {q.qat_scales}"
+
+    def run(self, state: FormState, ctx: Int8Context) -> PassRecord:
+        import torch
+
+        from tledge.export import ort
+        from tledge.export.int8.passes.head_refit import train_images
+        from tledge.export.int8.quantize import ensure_node_names
+
+        cfg = ctx.cfg.quant
+        ensure_node_names(state.model)  # the Q/DQ graph's node names are the float graph's
+        q = ctx.quantize(state)
+        train = train_images(ctx)
+        x_all = np.concatenate(list(train.batches(256))) if len(train) else np.zeros((0,))
+        if "train_logits" not in ctx.cache:
+            ctx.cache["train_logits"] = ort.logits(ctx.base, train.batches(32), ctx.threads)
+        teacher = ctx.cache["train_logits"].astype(np.float32)
+        rng = np.random.default_rng(2468)
+        order = rng.permutation(len(x_all))
+        n_hold = max(32, len(x_all) // 10)
+        hold, fit = order[:n_hold], order[n_hold:]
+        xh, th = torch.from_numpy(x_all[hold]), torch.from_numpy(teacher[hold])
+        with torch_threads(1):
+            torch.manual_seed(1357)
+            net = build(q, cfg.qat_scales == "learned")
+
+            def make_opt(m: Any) -> Any:
+                groups = [{"params": list(m.w.values()) + list(m.b.values()), "lr": cfg.qat_lr}]
+                if cfg.qat_scales == "learned":
+                    groups.append({"params": list(m.s.values()), "lr": cfg.qat_lr * 10})
+                return torch.optim.Adam(groups)
+
+            opt = make_opt(net)
+
+            def held_out() -> tuple[float, float]:
+                with torch.no_grad():
+                    z = torch.cat([net(xh[i:i + 64]) for i in range(0, len(xh), 64)])
+                    return float(distill_loss(z, th)), float((z.argmax(1) == th.argmax(1)).float().mean())
+
+            b = cfg.qat_batch
+            batch_idx = [fit[(i * b + np.arange(b)) % len(fit)] for i in range(cfg.qat_steps)]
+            per_step = expected_seconds(net, torch.from_numpy(x_all[batch_idx[0]]),
+                                        torch.from_numpy(teacher[batch_idx[0]]), make_opt)
+            note(f"QAT ({state.form}): {cfg.qat_steps} steps of batch {b} on {len(fit)} training images "
+                 f"({n_hold} held out for early stopping); expected about {per_step * cfg.qat_steps / 60:.1f} min here")
+            loss0, agree0 = held_out()
+            best = {"step": 0, "loss": loss0, "agreement": agree0,
+                    "state": {k: v.detach().clone() for k, v in net.state_dict().items()}}
+            history = [{"step": 0, "held_out_kl": loss0, "held_out_agreement": agree0}]
+            every = max(1, cfg.qat_steps // 10)
+            bad = 0
+            with progress() as prog:
+                task = prog.add_task(f"QAT ({state.form})", total=cfg.qat_steps, info="")
+                for step, idx in enumerate(batch_idx, 1):
+                    loss = distill_loss(net(torch.from_numpy(x_all[idx])), torch.from_numpy(teacher[idx]))
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    prog.advance(task, 1)
+                    maybe_interrupt(f"qat:{step}")
+                    if step % every == 0 or step == cfg.qat_steps:
+                        hl, ha = held_out()
+                        history.append({"step": step, "held_out_kl": hl, "held_out_agreement": ha})
+                        if hl < best["loss"]:
+                            best = {"step": step, "loss": hl, "agreement": ha,
+                                    "state": {k: v.detach().clone() for k, v in net.state_dict().items()}}
+                            bad = 0
+                        else:
+                            bad += 1
+                            if bad >= cfg.qat_patience:
+                                break
+            net.load_state_dict(best["state"])
+        new = write_back(net, state)
+        tensors = dict(trained_tensors(net, state.model))
+        tensors.update({f"scale:{net.act_of[k]}": np.array(float(p.detach()), np.float32) for k, p in net.s.items()})
+        ctx.cache[("qat", state.form)] = tensors
+        state.model, state.rounding, state.rounding_name, state.act_qparams = (new.model, new.rounding,
+                                                                              new.rounding_name, new.act_qparams)
+        decision = (f"fine-tuned through the quantizers: held-out KL {loss0:.4f} -> {best['loss']:.4f}, agreement "
+                    f"with FP32 {agree0:.1%} -> {best['agreement']:.1%} (best at step {best['step']})")
+        return PassRecord(self.name, state.form, decision,
+                          f"distilled from FP32 logits on {len(fit)} training images, {n_hold} held out",
+                          details={"history": history, "best_step": best["step"], "steps_run": history[-1]["step"],
+                                   "scales": cfg.qat_scales, "lr": cfg.qat_lr, "batch": b,
+                                   "expected_s_per_step": round(per_step, 3)})
