@@ -1,0 +1,109 @@
+"""Issue 14 benchmark: quantization-aware fine-tuning against the default post-training INT8 export, on the
+10,000 Fashion-MNIST test images no step sees.
+
+Per backbone and size, in one run: tune the embedded default, then `tledge export RUN --int8` (the default PTQ
+plan), `--int8 --qat` (fixed calibrated scales) and `--int8 --qat --qat-scales learned`, each export in its
+own process (its wall time and peak memory measured from outside); for every INT8 graph, both forms, the
+top-1 drop against PyTorch and the top-1 agreement with FP32 on the test images, and the QAT pass's own
+seconds per form.
+
+Usage: python benchmarks/qat.py [--backbones mobilenet_v2,efficientnet_lite0] [--sizes 112] [--steps 300]
+        [--scales fixed,learned]
+Writes benchmarks/results/qat.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PY, ROOT, machine, make_testset, run_child, save, table  # noqa: E402
+
+
+def test_metrics(path: Path, ev, ref) -> dict:
+    from tledge.evalset import compare, run_logits
+    from tledge.runtimes.onnxruntime import OrtRunner
+    with OrtRunner(path, "cpu", 2) as r:
+        res = compare(run_logits(r.infer, ev, 64), ref, ev.labels)
+    return {"top1": res["top1"], "drop_pt": res["drop_points"], "agreement": res["top1_agreement"]}
+
+
+def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, tmp: Path) -> dict:
+    import torch
+
+    from tledge import card as card_mod
+    from tledge.data import scan
+    from tledge.evalset import EvalSet, run_logits
+    from tledge.model import load_classifier
+    from tledge.tune import TuneConfig, run_tune
+
+    base = tmp / f"run-{name}-{size}"
+    card = run_tune(ROOT / "data/fashion-mnist", base, TuneConfig(backbone=name, image_size=size, workers=2,
+                                                                  cache_dir=str(tmp / "cache")))
+    pre = card_mod.preprocess_of(card)
+    model = load_classifier(base, card)
+    ev = EvalSet(scan(test_dir).val, pre, label="test images")
+    with torch.inference_mode():
+        ref = run_logits(lambda b: model(torch.from_numpy(b)).numpy(), ev, 64)
+    rows, detail = [], {}
+    configs = [("PTQ default", [])] + [(f"QAT {s} scales", ["--qat", "--qat-steps", str(steps), "--qat-scales", s])
+                                       for s in scales]
+    for label, extra in configs:
+        run = tmp / f"{base.name}-{len(detail)}"
+        shutil.copytree(base, run)
+        child = run_child([PY, "-m", "tledge", "export", str(run), "--int8", "--threads", "2", *extra],
+                          env={"TLEDGE_PROGRESS": "0"})
+        if child["rc"] != 0:
+            raise SystemExit(f"{label}: export failed\n{child['stderr'][-3000:]}")
+        m = json.loads((run / "export_manifest.json").read_text())
+        qat_s = {f: rec["qat"]["seconds"] for f, rec in m["int8"]["forms"].items() if "qat" in rec}
+        detail[label] = {"export_wall_s": round(child["wall_s"], 1), "peak_rss_mib": round(child["peak_rss_mib"]),
+                         "qat_s": qat_s, "qat_records": {f: {k: rec["qat"][k] for k in ("decision", "details")}
+                                                         for f, rec in m["int8"]["forms"].items() if "qat" in rec},
+                         "kept_float": {f: g["kept_float"] for f, g in m["int8"]["gate"].items()}}
+        for form in ("tensorrt", "cpu"):
+            f = run / f"model.int8.{'trt' if form == 'tensorrt' else 'cpu'}.onnx"
+            rows.append({"config": label, "form": form, **test_metrics(f, ev, ref),
+                         "val_drop_pt": m["checks"][f"int8-{form}"]["final"]["drop_points"],
+                         "qat_s": qat_s.get(form), "export_s": round(child["wall_s"], 1),
+                         "peak_mib": round(child["peak_rss_mib"])})
+        shutil.rmtree(run)
+    ev.close()
+    return {"backbone": name, "size": size, "test_images": len(ref),
+            "torch_top1": float((ref.argmax(1) == ev.labels).mean()), "steps": steps, "rows": rows, "detail": detail}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbones", default="mobilenet_v2,efficientnet_lite0")
+    ap.add_argument("--sizes", default="112")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--scales", default="fixed,learned")
+    args = ap.parse_args()
+    import os
+    os.environ.setdefault("TLEDGE_PROGRESS", "0")
+    from tledge.perf import tune_allocator
+    tune_allocator()
+    results = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        test_dir = make_testset(tmp / "fashion-test10k")
+        for size in (int(s) for s in args.sizes.split(",")):
+            for name in args.backbones.split(","):
+                r = bench(name, size, args.steps, args.scales.split(","), test_dir, tmp)
+                results.append(r)
+                print(f"\n== {name} @ {size}px, {r['test_images']} test images: PyTorch FP32 top-1 {r['torch_top1']:.4f}")
+                print(table(r["rows"], ["config", "form", "top1", "drop_pt", "agreement", "val_drop_pt", "qat_s",
+                                        "export_s", "peak_mib"]))
+                save("qat", {"machine": machine(), "results": results, "seconds": round(time.perf_counter() - t0)})
+    print(f"\nwrote {save('qat', {'machine': machine(), 'results': results, 'seconds': round(time.perf_counter() - t0)})}")
+
+
+if __name__ == "__main__":
+    main()
