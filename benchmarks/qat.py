@@ -33,7 +33,7 @@ def test_metrics(path: Path, ev, ref) -> dict:
     return {"top1": res["top1"], "drop_pt": res["drop_points"], "agreement": res["top1_agreement"]}
 
 
-def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, tmp: Path) -> dict:
+def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, tmp: Path, done: list) -> dict:
     import torch
 
     from tledge import card as card_mod
@@ -73,6 +73,9 @@ def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, t
                          "qat_s": qat_s.get(form), "export_s": round(child["wall_s"], 1),
                          "peak_mib": round(child["peak_rss_mib"])})
         shutil.rmtree(run)
+        # saved after every export: a run cut short by its time limit keeps what it measured
+        save("qat", {"machine": machine(), "results": done + [{"backbone": name, "size": size, "rows": rows,
+                                                              "detail": detail, "partial": True}]})
     ev.close()
     return {"backbone": name, "size": size, "test_images": len(ref),
             "torch_top1": float((ref.argmax(1) == ev.labels).mean()), "steps": steps, "rows": rows, "detail": detail}
@@ -96,7 +99,7 @@ def main() -> None:
         test_dir = make_testset(tmp / "fashion-test10k")
         for size in (int(s) for s in args.sizes.split(",")):
             for name in args.backbones.split(","):
-                r = bench(name, size, args.steps, args.scales.split(","), test_dir, tmp)
+                r = bench(name, size, args.steps, args.scales.split(","), test_dir, tmp, results)
                 results.append(r)
                 print(f"\n== {name} @ {size}px, {r['test_images']} test images: PyTorch FP32 top-1 {r['torch_top1']:.4f}")
                 print(table(r["rows"], ["config", "form", "top1", "drop_pt", "agreement", "val_drop_pt", "qat_s",

@@ -323,7 +323,8 @@ def bundle(run: Path, out: Path | None, precision: str, batch: str, targets: tup
     for t in r["targets"]:
         if t != "python":
             click.echo(f"{t}: see {Path(r['folder']) / t / 'README.md'}")
-    click.echo(f"on the device: tar xzf {Path(r.get('archive', r['folder'])).name} && cd {Path(r['folder']).name} && "
+    fetch = f"tar xzf {Path(r['archive']).name} && " if "archive" in r else f"(copy the folder {Path(r['folder']).name}/) "
+    click.echo(f"on the device: {fetch}cd {Path(r['folder']).name} && "
                "python3 -m tledge_runtime build && python3 -m tledge_runtime predict IMAGES")
 
 

@@ -134,6 +134,11 @@ def build(q: Any, learn_scales: bool = False) -> Any:
                         self.consts[i] = torch.from_numpy(np.array(inits[i]))
                 self.steps.append((key, n))
 
+        def to_device(self, device: Any) -> "Net":
+            self.to(device)
+            self.consts = {k: v.to(device) for k, v in self.consts.items()}
+            return self
+
         def forward(self, x: Any, trace: dict[str, Any] | None = None) -> Any:
             """The graph's output; with ``trace``, every tensor computed is also stored there by name."""
             import torch.nn.functional as F
@@ -238,9 +243,9 @@ def trained_tensors(net: Any, model: Any) -> dict[str, np.ndarray]:
     nodes = {n.name: n for n in model.graph.node}
     out = {}
     for key, p in net.w.items():
-        out[nodes[net.node_of[key]].input[1]] = p.detach().numpy().astype(np.float32).copy()
+        out[nodes[net.node_of[key]].input[1]] = p.detach().cpu().numpy().astype(np.float32).copy()
     for key, p in net.b.items():
-        out[nodes[net.node_of[key]].input[2]] = p.detach().numpy().astype(np.float32).copy()
+        out[nodes[net.node_of[key]].input[2]] = p.detach().cpu().numpy().astype(np.float32).copy()
     return out
 
 
@@ -256,7 +261,7 @@ def write_back(net: Any, state: FormState) -> FormState:
     for init in m.graph.initializer:
         if init.name in new:
             init.CopyFrom(numpy_helper.from_array(new[init.name], init.name))
-    acts = {net.act_of[k]: (float(net.s[k].detach()), net.qparams[k][0]) for k in net.s} \
+    acts = {net.act_of[k]: (float(net.s[k].detach().cpu()), net.qparams[k][0]) for k in net.s} \
         if any(p.requires_grad for p in net.s.values()) else {}
     return state.copy(model=m, rounding={}, rounding_name="qat", act_qparams=acts)
 
@@ -315,10 +320,13 @@ class Qat:
         order = rng.permutation(len(x_all))
         n_hold = max(32, len(x_all) // 10)
         hold, fit = order[:n_hold], order[n_hold:]
-        xh, th = torch.from_numpy(x_all[hold]), torch.from_numpy(teacher[hold])
+        # a CUDA GPU when torch sees one (not run here: no GPU on the build machines); results then differ from
+        # the CPU's in the last bits, as any two devices' float reductions do
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        xh, th = torch.from_numpy(x_all[hold]).to(dev), torch.from_numpy(teacher[hold]).to(dev)
         with torch_threads(QAT_THREADS):
             torch.manual_seed(1357)
-            net = build(q, cfg.qat_scales == "learned")
+            net = build(q, cfg.qat_scales == "learned").to_device(dev)
 
             def make_opt(m: Any) -> Any:
                 groups = [{"params": list(m.w.values()) + list(m.b.values()), "lr": cfg.qat_lr}]
@@ -335,9 +343,9 @@ class Qat:
 
             b = cfg.qat_batch
             batch_idx = [fit[(i * b + np.arange(b)) % len(fit)] for i in range(cfg.qat_steps)]
-            per_step = expected_seconds(net, torch.from_numpy(x_all[batch_idx[0]]),
-                                        torch.from_numpy(teacher[batch_idx[0]]), make_opt)
-            note(f"QAT ({state.form}): {cfg.qat_steps} steps of batch {b} on {len(fit)} training images "
+            per_step = expected_seconds(net, torch.from_numpy(x_all[batch_idx[0]]).to(dev),
+                                        torch.from_numpy(teacher[batch_idx[0]]).to(dev), make_opt)
+            note(f"QAT ({state.form}, {dev.type}): {cfg.qat_steps} steps of batch {b} on {len(fit)} training images "
                  f"({n_hold} held out for early stopping); expected about {per_step * cfg.qat_steps / 60:.1f} min here")
             loss0, agree0 = held_out()
             best = {"step": 0, "loss": loss0, "agreement": agree0,
@@ -348,7 +356,7 @@ class Qat:
             with progress() as prog:
                 task = prog.add_task(f"QAT ({state.form})", total=cfg.qat_steps, info="")
                 for step, idx in enumerate(batch_idx, 1):
-                    loss = distill_loss(net(torch.from_numpy(x_all[idx])), torch.from_numpy(teacher[idx]))
+                    loss = distill_loss(net(torch.from_numpy(x_all[idx]).to(dev)), torch.from_numpy(teacher[idx]).to(dev))
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -368,7 +376,8 @@ class Qat:
             net.load_state_dict(best["state"])
         new = write_back(net, state)
         tensors = dict(trained_tensors(net, state.model))
-        tensors.update({f"scale:{net.act_of[k]}": np.array(float(p.detach()), np.float32) for k, p in net.s.items()})
+        tensors.update({f"scale:{net.act_of[k]}": np.array(float(p.detach().cpu()), np.float32)
+                        for k, p in net.s.items()})
         ctx.cache[("qat", state.form)] = tensors
         state.model, state.rounding, state.rounding_name, state.act_qparams = (new.model, new.rounding,
                                                                               new.rounding_name, new.act_qparams)
@@ -377,5 +386,5 @@ class Qat:
         return PassRecord(self.name, state.form, decision,
                           f"distilled from FP32 logits on {len(fit)} training images, {n_hold} held out",
                           details={"history": history, "best_step": best["step"], "steps_run": history[-1]["step"],
-                                   "scales": cfg.qat_scales, "lr": cfg.qat_lr, "batch": b,
+                                   "scales": cfg.qat_scales, "lr": cfg.qat_lr, "batch": b, "device": dev.type,
                                    "expected_s_per_step": round(per_step, 3)})
