@@ -97,3 +97,32 @@ def make_testset(dest: Path) -> Path:
         Image.fromarray(x[i], "L").save(dest / "val" / CLASSES[y[i]] / f"test_{i:05d}.png")
     return dest
 
+
+def tuned_reference(name: str, size: int, test_dir: Path, tmp: Path) -> tuple[Path, dict[str, Any], Any, np.ndarray]:
+    """Tune the embedded default on backbone ``name`` at ``size`` px (feature cache under ``tmp``) and run the
+    PyTorch model over the test images: (run dir, model card, test EvalSet, FP32 reference logits)."""
+    import torch
+
+    from tledge import card as card_mod
+    from tledge.data import scan
+    from tledge.evalset import EvalSet, run_logits
+    from tledge.model import load_classifier
+    from tledge.tune import TuneConfig, run_tune
+
+    base = tmp / f"run-{name}-{size}"
+    card = run_tune(ROOT / "data/fashion-mnist", base, TuneConfig(backbone=name, image_size=size, workers=2,
+                                                                  cache_dir=str(tmp / "cache")))
+    model = load_classifier(base, card)
+    ev = EvalSet(scan(test_dir).val, card_mod.preprocess_of(card), label="test images")
+    with torch.inference_mode():
+        ref = run_logits(lambda b: model(torch.from_numpy(b)).numpy(), ev, 64)
+    return base, card, ev, ref
+
+
+def test_metrics(path: str | Path, ev: Any, ref: np.ndarray) -> dict[str, float]:
+    """An ONNX graph's top-1, drop against PyTorch (points) and top-1 agreement with FP32 on ``ev``."""
+    from tledge.evalset import compare, run_logits
+    from tledge.runtimes.onnxruntime import OrtRunner
+    with OrtRunner(path, "cpu", 2) as r:
+        res = compare(run_logits(r.infer, ev, 64), ref, ev.labels)
+    return {"top1": res["top1"], "drop_pt": res["drop_points"], "agreement": res["top1_agreement"]}

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, make_testset, save, table  # noqa: E402
+from _common import ROOT, machine, make_testset, save, table, test_metrics, tuned_reference  # noqa: E402
 
 
 def quantize_static_both(fp32_path: Path, calib_x: np.ndarray, tmp: Path, method: str) -> dict:
@@ -60,33 +60,13 @@ def quantize_static_both(fp32_path: Path, calib_x: np.ndarray, tmp: Path, method
     return out
 
 
-def test_metrics(path: str, ev, ref) -> dict:
-    from tledge.evalset import compare, run_logits
-    from tledge.runtimes.onnxruntime import OrtRunner
-    with OrtRunner(path, "cpu", 2) as r:
-        res = compare(run_logits(r.infer, ev, 64), ref, ev.labels)
-    return {"top1": res["top1"], "drop_pt": res["drop_points"], "agreement": res["top1_agreement"]}
-
-
 def bench(name: str, size: int, test_dir: Path, tmp: Path) -> dict:
-    import torch
-
     from tledge import card as card_mod
-    from tledge.data import scan
-    from tledge.evalset import EvalSet, run_logits
     from tledge.export.config import ExportConfig, GateConfig, Int8Config
     from tledge.export.pipeline import run_export
-    from tledge.model import load_classifier
-    from tledge.tune import TuneConfig, run_tune
 
-    base = tmp / f"run-{name}-{size}"
-    card = run_tune(ROOT / "data/fashion-mnist", base, TuneConfig(backbone=name, image_size=size, workers=2,
-                                                                  cache_dir=str(tmp / "cache")))
+    base, card, ev, ref = tuned_reference(name, size, test_dir, tmp)
     pre = card_mod.preprocess_of(card)
-    model = load_classifier(base, card)
-    ev = EvalSet(scan(test_dir).val, pre, label="test images")
-    with torch.inference_mode():
-        ref = run_logits(lambda b: model(torch.from_numpy(b)).numpy(), ev, 64)
     torch_top1 = float((ref.argmax(1) == ev.labels).mean())
     rows, detail = [], {}
     for label, escalate, distill in (("tledge default plan", "auto", 0.0), ("all passes on (--escalate on)", "on", 0.0),

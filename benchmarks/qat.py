@@ -22,34 +22,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PY, ROOT, machine, make_testset, run_child, save, table  # noqa: E402
-
-
-def test_metrics(path: Path, ev, ref) -> dict:
-    from tledge.evalset import compare, run_logits
-    from tledge.runtimes.onnxruntime import OrtRunner
-    with OrtRunner(path, "cpu", 2) as r:
-        res = compare(run_logits(r.infer, ev, 64), ref, ev.labels)
-    return {"top1": res["top1"], "drop_pt": res["drop_points"], "agreement": res["top1_agreement"]}
+from _common import PY, machine, make_testset, run_child, save, table, test_metrics, tuned_reference  # noqa: E402
 
 
 def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, tmp: Path, done: list) -> dict:
-    import torch
-
-    from tledge import card as card_mod
-    from tledge.data import scan
-    from tledge.evalset import EvalSet, run_logits
-    from tledge.model import load_classifier
-    from tledge.tune import TuneConfig, run_tune
-
-    base = tmp / f"run-{name}-{size}"
-    card = run_tune(ROOT / "data/fashion-mnist", base, TuneConfig(backbone=name, image_size=size, workers=2,
-                                                                  cache_dir=str(tmp / "cache")))
-    pre = card_mod.preprocess_of(card)
-    model = load_classifier(base, card)
-    ev = EvalSet(scan(test_dir).val, pre, label="test images")
-    with torch.inference_mode():
-        ref = run_logits(lambda b: model(torch.from_numpy(b)).numpy(), ev, 64)
+    base, _, ev, ref = tuned_reference(name, size, test_dir, tmp)
     rows, detail = [], {}
     configs = [("PTQ default", [])] + [(f"QAT {s} scales", ["--qat", "--qat-steps", str(steps), "--qat-scales", s])
                                        for s in scales]

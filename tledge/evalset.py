@@ -57,7 +57,7 @@ class EvalSet:
         return (pre or self.pre).finish(x)
 
     def close(self) -> None:
-        self.x = np.zeros((0,), np.float32)
+        self.x = np.zeros((0,), np.uint8)
         self._dir.cleanup()
 
     def __enter__(self) -> "EvalSet":

@@ -106,10 +106,6 @@ def candidates(run: Path, cfg: BenchConfig, lin: Lineage | None = None) -> list[
     return out
 
 
-def _graph_dtype(lin: Lineage) -> str:
-    return ((lin.manifest or {}).get("input") or {}).get("dtype", "float32")
-
-
 def _torch_cuda() -> tuple[bool, str]:
     try:
         import torch
@@ -151,6 +147,7 @@ def run_bench(run_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
     ref: np.ndarray | None = None
     base_p50: dict[int, float] = {}
     lin = lineage(run, card)
+    graph_dtype = ((lin.manifest or {}).get("input") or {}).get("dtype", "float32")
     if lin.stale:
         warn("not benched, they do not descend from the current checkpoint: "
              + "; ".join(f"{n} ({why})" for n, why in sorted(lin.stale.items())))
@@ -162,7 +159,7 @@ def run_bench(run_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
         rss0 = _rss_mib()
         try:
             runner = cand.factory()
-            gpre = pre.with_input(cand.graph_input, _graph_dtype(lin)) if cand.graph_input != "normalized" else pre
+            gpre = pre.with_input(cand.graph_input, graph_dtype)  # the tensor this artefact's graph takes
             with runner:
                 rss_loaded = _rss_mib()
                 logits = run_logits(runner.infer, evalset, 32, gpre)

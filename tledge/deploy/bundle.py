@@ -73,9 +73,9 @@ def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         raise RunDirError(f"{run} has no finished export ({exp_path} or {run / FILES['fp32']} is missing).",
                           f"run `tledge export {run} --fp16 --int8` first.")
     export = lin.manifest
-    need = {"int8": "int8-tensorrt", "fp16": "fp16"}.get(precision)
-    if need and need not in lin.ok:
-        raise RunDirError(f"the bundle's default precision is {precision} but {run / FILES[need]} does not exist.",
+    graph_key = {"int8": "int8-tensorrt", "fp16": "fp16"}.get(precision, "fp32")  # the graph the engine comes from
+    if graph_key not in lin.ok:
+        raise RunDirError(f"the bundle's default precision is {precision} but {run / FILES[graph_key]} does not exist.",
                           f"run `tledge export {run} --{precision}` first, or pass --precision.")
     # the graphs' own input contract: the card's preprocessing, raw pixels if exported with --input raw
     graph_pre = Preprocess.from_dict(export.get("input", {}).get("preprocess") or card["preprocess"])
@@ -105,7 +105,6 @@ def make_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         (stage / "README.md").write_text(README.format(backbone=card["backbone"]["name"], n=len(card["classes"]),
                                                        precision=precision))
         target_info: dict[str, Any] = {"python": {"runtime": "tledge_runtime"}}
-        graph_key = {"int8": "int8-tensorrt", "fp16": "fp16"}.get(precision, "fp32")
         if "deepstream" in targets:
             src = lin.ok[graph_key]
             ds_file = src.name.replace(".onnx", ".probs.onnx")

@@ -121,7 +121,3 @@ def raw_metadata(raw_pre: Any) -> dict[str, str]:
     import json
     return {"tledge.preprocess": json.dumps(raw_pre.to_dict(), sort_keys=True),
             "tledge.input": f"raw-{raw_pre.dtype}"}
-
-
-def is_raw(model: Any) -> bool:
-    return any(n.name == "raw_input_div_std" for n in model.graph.node)

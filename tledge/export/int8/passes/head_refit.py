@@ -117,6 +117,13 @@ def train_images(ctx: Int8Context) -> EvalSet:
     return ctx.cache["train"]
 
 
+def train_teacher_logits(ctx: Int8Context) -> np.ndarray:
+    """The FP32 graph's logits on ``train_images`` (computed once, shared by the refit and QAT)."""
+    if "train_logits" not in ctx.cache:
+        ctx.cache["train_logits"] = ort.logits(ctx.base, train_images(ctx).batches(32), ctx.threads)
+    return ctx.cache["train_logits"]
+
+
 def refit_recipe(ctx: Int8Context) -> tuple[int, dict[str, Any]]:
     """Epochs and options of the refit: the tune's own head recipe (weight decay, label smoothing, dropout,
     learning rate, seed), for at least 10 epochs."""
@@ -181,9 +188,7 @@ class HeadRefit:
         distill = ctx.cfg.quant.refit_distill
         teacher = None
         if distill > 0:
-            if "train_logits" not in ctx.cache:
-                ctx.cache["train_logits"] = ort.logits(ctx.base, train.batches(32), ctx.threads)
-            teacher = ctx.cache["train_logits"]
+            teacher = train_teacher_logits(ctx)
         epochs, kw = refit_recipe(ctx)
         w, b = refit_head(feats, train.labels, w0, b0, epochs, teacher=teacher, distill=distill, **kw)
         state.model = with_head(state.model, gemm, w, b)

@@ -122,15 +122,14 @@ def build(q: Any, learn_scales: bool = False) -> Any:
                         self.b[key] = torch.nn.Parameter(torch.from_numpy(_value(n.input[2])))
                 elif n.op_type == "QuantizeLinear":
                     s = float(inits[n.input[1]])
-                    zdt = q_dtype(q, n.input[2])
-                    zp = int(inits[n.input[2]]) if len(n.input) > 2 else 0
-                    lo, hi = (-128, 127) if zdt == "int8" else (0, 255)
+                    z = inits[n.input[2]]  # tledge's quantizers always carry an explicit zero-point
+                    zp = int(z)
+                    lo, hi = (-128, 127) if z.dtype == np.int8 else (0, 255)
                     self.qparams[key] = (zp, lo, hi)
                     self.s[key] = torch.nn.Parameter(torch.tensor(s, dtype=torch.float32), requires_grad=learn_scales)
                     self.act_of[key] = n.input[0]
                 for i in n.input:
-                    if i in inits and i not in self.consts and n.op_type not in ("QuantizeLinear",) and \
-                            not (n.op_type == "DequantizeLinear"):
+                    if i in inits and i not in self.consts and n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                         self.consts[i] = torch.from_numpy(np.array(inits[i]))
                 self.steps.append((key, n))
 
@@ -208,8 +207,7 @@ def build(q: Any, learn_scales: bool = False) -> Any:
                         axes = [int(v) for v in ins[1]]
                     y = ins[0].mean(dim=tuple(axes), keepdim=bool(_attr(n, "keepdims", 1)))
                 elif op == "Concat":
-                    import torch as _t
-                    y = _t.cat(ins, dim=int(_attr(n, "axis", 1)))
+                    y = torch.cat(ins, dim=int(_attr(n, "axis", 1)))
                 elif op == "Sigmoid":
                     y = ins[0].sigmoid()
                 elif op == "Identity":
@@ -231,12 +229,6 @@ def _key(name: str) -> str:
     return name.replace(".", "_")  # ParameterDict keys cannot hold dots
 
 
-def q_dtype(q: Any, zp_name: str) -> str:
-    from onnx import TensorProto
-    zp = next(i for i in q.graph.initializer if i.name == zp_name)
-    return "int8" if zp.data_type == TensorProto.INT8 else "uint8"
-
-
 def trained_tensors(net: Any, model: Any) -> dict[str, np.ndarray]:
     """The trained float weights and biases by their initializer name in ``model`` (the form's float graph,
     whose node names the Q/DQ graph keeps)."""
@@ -249,21 +241,21 @@ def trained_tensors(net: Any, model: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def write_back(net: Any, state: FormState) -> FormState:
-    """The trained weights, biases and (learned) activation scales as a FormState: its float graph holds the
-    trained float weights (quantize_model's nearest rounding of them is what the fake quantizers computed)."""
+def write_back(net: Any, state: FormState, new: dict[str, np.ndarray]) -> None:
+    """Put the trained weights and biases ``new`` (trained_tensors) and the learned activation scales into
+    ``state``: its float graph then holds the trained float weights (quantize_model's nearest rounding of
+    them is what the fake quantizers computed)."""
     import onnx
     from onnx import numpy_helper
 
     m = onnx.ModelProto()
     m.CopyFrom(state.model)
-    new = trained_tensors(net, state.model)
     for init in m.graph.initializer:
         if init.name in new:
             init.CopyFrom(numpy_helper.from_array(new[init.name], init.name))
-    acts = {net.act_of[k]: (float(net.s[k].detach().cpu()), net.qparams[k][0]) for k in net.s} \
+    state.act_qparams = {net.act_of[k]: (float(net.s[k].detach().cpu()), net.qparams[k][0]) for k in net.s} \
         if any(p.requires_grad for p in net.s.values()) else {}
-    return state.copy(model=m, rounding={}, rounding_name="qat", act_qparams=acts)
+    state.model, state.rounding, state.rounding_name = m, {}, "qat"
 
 
 def expected_seconds(net: Any, x: Any, teacher: Any, opt_step: Any) -> float:
@@ -304,8 +296,7 @@ class Qat:
     def run(self, state: FormState, ctx: Int8Context) -> PassRecord:
         import torch
 
-        from tledge.export import ort
-        from tledge.export.int8.passes.head_refit import train_images
+        from tledge.export.int8.passes.head_refit import train_images, train_teacher_logits
         from tledge.export.int8.quantize import ensure_node_names
 
         cfg = ctx.cfg.quant
@@ -313,9 +304,7 @@ class Qat:
         q = ctx.quantize(state)
         train = train_images(ctx)
         x_all = np.concatenate(list(train.batches(256))) if len(train) else np.zeros((0,))
-        if "train_logits" not in ctx.cache:
-            ctx.cache["train_logits"] = ort.logits(ctx.base, train.batches(32), ctx.threads)
-        teacher = ctx.cache["train_logits"].astype(np.float32)
+        teacher = train_teacher_logits(ctx).astype(np.float32)
         rng = np.random.default_rng(2468)
         order = rng.permutation(len(x_all))
         n_hold = max(32, len(x_all) // 10)
@@ -374,13 +363,11 @@ class Qat:
                             if bad >= cfg.qat_patience:
                                 break
             net.load_state_dict(best["state"])
-        new = write_back(net, state)
-        tensors = dict(trained_tensors(net, state.model))
-        tensors.update({f"scale:{net.act_of[k]}": np.array(float(p.detach().cpu()), np.float32)
-                        for k, p in net.s.items()})
-        ctx.cache[("qat", state.form)] = tensors
-        state.model, state.rounding, state.rounding_name, state.act_qparams = (new.model, new.rounding,
-                                                                              new.rounding_name, new.act_qparams)
+        trained = trained_tensors(net, state.model)
+        write_back(net, state, trained)
+        ctx.cache[("qat", state.form)] = {**trained, **{f"scale:{net.act_of[k]}": np.array(float(p.detach().cpu()),
+                                                                                            np.float32)
+                                                         for k, p in net.s.items()}}
         decision = (f"fine-tuned through the quantizers: held-out KL {loss0:.4f} -> {best['loss']:.4f}, agreement "
                     f"with FP32 {agree0:.1%} -> {best['agreement']:.1%} (best at step {best['step']})")
         return PassRecord(self.name, state.form, decision,
