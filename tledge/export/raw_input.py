@@ -74,12 +74,13 @@ def wrap_staged(stage: Any, card: dict[str, Any], manifest: dict[str, Any], eval
                 threads: int | None) -> dict[str, Any]:
     """Wrap every graph staged by this export, check each against its normalised-input self on val images
     (AccuracyError past tolerance), and rewrite it in place. Returns the manifest's ``input`` section."""
+    from tledge.card import preprocess_of
+    from tledge.console import progress
     from tledge.errors import AccuracyError
     from tledge.evalset import compare
     from tledge.export import artefacts, ort
     from tledge.export import onnx as onnx_io
 
-    from tledge.card import preprocess_of
     pre = preprocess_of(card)
     raw_pre = pre.with_input("raw", dtype)
     n = min(CHECK_IMAGES, len(evalset))
@@ -92,27 +93,31 @@ def wrap_staged(stage: Any, card: dict[str, Any], manifest: dict[str, Any], eval
             yield b[: n - i * 32]
 
     checks = {}
-    for key in ("fp32", "fp16", "int8-tensorrt", "int8-cpu"):
-        if key not in manifest["artefacts"]:
-            continue
-        path = artefacts.path(stage, key)
-        model = onnx_io.load_model(path)
-        wrapped = wrap(model, pre.mean, pre.std, dtype)
-        props = {p.key: p.value for p in model.metadata_props}
-        onnx_io.set_metadata(wrapped, {**props, **raw_metadata(raw_pre)})
-        normal = ort.logits(model, head(pre), threads)
-        raw = ort.logits(wrapped, head(raw_pre), threads)
-        c = compare(raw, normal, labels)
-        checks[key] = {k: c[k] for k in ("n", "max_abs_logit_diff", "top1_agreement", "drop_points")}
-        exact = not key.startswith("int8")
-        bad = c["max_abs_logit_diff"] > MAX_ABS if exact else abs(c["drop_points"]) > MAX_INT8_DROP_DELTA
-        if bad:
-            raise AccuracyError(
-                f"the raw-input {key} graph does not match the normalised one on {n} val images: max |logit "
-                f"diff| {c['max_abs_logit_diff']:.3g}, top-1 {c['drop_points']:+.2f} pt (tolerance "
-                f"{MAX_ABS if exact else MAX_INT8_DROP_DELTA}).", "report this bug; export without --input raw.")
-        onnx_io.save_model(wrapped, path)
-        manifest["artefacts"][key] = onnx_io.file_info([path])
+    keys = [k for k in ("fp32", "fp16", "int8-tensorrt", "int8-cpu") if k in manifest["artefacts"]]
+    with progress() as prog:
+        task = prog.add_task("--input raw: wrapped graphs against the normal ones", total=2 * n * len(keys), info="")
+
+        def advance(k: int) -> None:
+            prog.advance(task, k)
+        for key in keys:
+            path = artefacts.path(stage, key)
+            model = onnx_io.load_model(path)
+            wrapped = wrap(model, pre.mean, pre.std, dtype)
+            props = {p.key: p.value for p in model.metadata_props}
+            onnx_io.set_metadata(wrapped, {**props, **raw_metadata(raw_pre)})
+            normal = ort.logits(model, head(pre), threads, advance)
+            raw = ort.logits(wrapped, head(raw_pre), threads, advance)
+            c = compare(raw, normal, labels)
+            checks[key] = {k: c[k] for k in ("n", "max_abs_logit_diff", "top1_agreement", "drop_points")}
+            exact = not key.startswith("int8")
+            bad = c["max_abs_logit_diff"] > MAX_ABS if exact else abs(c["drop_points"]) > MAX_INT8_DROP_DELTA
+            if bad:
+                raise AccuracyError(
+                    f"the raw-input {key} graph does not match the normalised one on {n} val images: max |logit "
+                    f"diff| {c['max_abs_logit_diff']:.3g}, top-1 {c['drop_points']:+.2f} pt (tolerance "
+                    f"{MAX_ABS if exact else MAX_INT8_DROP_DELTA}).", "report this bug; export without --input raw.")
+            onnx_io.save_model(wrapped, path)
+            manifest["artefacts"][key] = onnx_io.file_info([path])
     return {"kind": "raw", "dtype": dtype, "layout": "NCHW", "channel_order": "RGB", "range": [0, 255],
             "checks": checks, "preprocess": raw_pre.to_dict()}
 
