@@ -56,7 +56,7 @@ def quantizer_sensitivity(q: Any, batches: list[np.ndarray], refs: list[np.ndarr
     import torch
 
     from tledge.export.int8.context import torch_threads
-    from tledge.export.int8.passes.qat import QAT_THREADS, build
+    from tledge.export.int8.passes.qat import build
 
     inits = {i.name for i in q.graph.initializer}
     qnodes = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
@@ -64,7 +64,7 @@ def quantizer_sensitivity(q: Any, batches: list[np.ndarray], refs: list[np.ndarr
     for p in net.parameters():
         p.requires_grad_(False)
     score = {n.input[0]: 0.0 for n in qnodes}
-    with torch_threads(QAT_THREADS), torch.enable_grad():
+    with torch_threads(), torch.enable_grad():
         for x, r in zip(batches, refs):
             env: dict[str, Any] = {}
             z = net(torch.from_numpy(np.ascontiguousarray(x)).requires_grad_(True), trace=env)

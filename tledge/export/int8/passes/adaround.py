@@ -123,7 +123,7 @@ def adaround(model: Any, batches: list[np.ndarray], iters: int = 2000, max_layer
     """Learned rounding of the ``max_layers`` layers that nearest rounding costs most (relative output
     error above ``min_rel_error``), ``iters`` iterations each. Layer inputs and outputs are held for at
     most ``memory_mib`` MiB at a time (layers learned in groups, one network pass per group). torch runs
-    on one thread: the result does not depend on the core count. Returns {weight initializer: int8
+    on a fixed TORCH_THREADS threads: the result does not depend on the core count. Returns {weight initializer: int8
     array} for quantize_model's ``weight_overrides`` and a report."""
     import torch
 
@@ -146,7 +146,7 @@ def adaround(model: Any, batches: list[np.ndarray], iters: int = 2000, max_layer
     zeta, gamma = 1.1, -0.1
     out: dict[str, np.ndarray] = {}
     layers: list[dict[str, Any]] = []
-    with torch_threads(1), torch.no_grad():
+    with torch_threads(), torch.no_grad():
         for group in io_groups(nodes, per_image, score_img, cap):
             io = layer_io(model, group, passes(group, score_img), threads)
             for n in group:
@@ -160,7 +160,7 @@ def adaround(model: Any, batches: list[np.ndarray], iters: int = 2000, max_layer
     chosen = costly[:max_layers]
     g = torch.Generator().manual_seed(seed)
     groups = 0
-    with torch_threads(1), progress() as prog:
+    with torch_threads(), progress() as prog:
         task = prog.add_task("learned rounding", total=len(chosen) * iters, info="")
         for group in io_groups(chosen, per_image, n_img, cap):
             groups += 1

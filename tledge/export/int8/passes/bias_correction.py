@@ -50,7 +50,7 @@ def bias_correct(model: Any, means: dict[str, np.ndarray], weight_overrides: dic
     m = copy_model(model)
     inits = {i.name: i for i in m.graph.initializer}
     shifts = []
-    with torch_threads(1):
+    with torch_threads():
         for n in weighted_nodes(m):
             if n.input[0] not in means:
                 continue

@@ -52,7 +52,7 @@ def refit_head(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, b0: np.
 
     if distill > 0 and teacher is None:
         raise ValueError("distillation needs the teacher's logits")
-    with torch_threads(1):
+    with torch_threads():
         torch.manual_seed(seed)
         lin = torch.nn.Linear(w0.shape[1], w0.shape[0])
         with torch.no_grad():

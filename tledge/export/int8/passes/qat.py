@@ -28,11 +28,11 @@ import numpy as np
 from tledge.console import note, progress
 from tledge.errors import UsageError
 from tledge.export.config import ExportConfig
-from tledge.export.int8.context import FormState, Int8Context, torch_threads
+from tledge.export.int8.context import TORCH_THREADS, FormState, Int8Context, torch_threads
 from tledge.export.int8.plan import PassRecord
 from tledge.faults import maybe_interrupt
 
-QAT_THREADS = 2
+QAT_THREADS = TORCH_THREADS
 SUPPORTED = {"Conv", "Gemm", "Clip", "Relu", "Add", "Sub", "Mul", "Div", "GlobalAveragePool", "Flatten", "Pad",
              "Reshape", "ReduceMean", "Concat", "Sigmoid", "Identity", "MaxPool", "AveragePool",
              "QuantizeLinear", "DequantizeLinear"}

@@ -1,0 +1,144 @@
+"""Where an INT8 graph's error comes from: weights or activations, and which activations.
+
+For each form, the graph of the cheap recipe's first step (calibrated ranges, nearest rounding, no bias
+correction or head refit, so nothing has been fitted to compensate) is measured on held-out test images
+against the FP32 graph, then again with one source of error taken away:
+  - weights only: every activation quantizer removed (the weights stay INT8);
+  - activations only: every weight dequantized back to float beforehand (the activations stay INT8);
+  - per producer kind: the activation quantizers on the outputs of one kind of node removed (input, Clip =
+    the ReLU6 outputs, Conv, Add, Flatten ...).
+A source whose removal brings agreement with FP32 close to 100% is what limits the form; the TensorRT form's
+symmetric INT8 leaves 7 useful bits to a ReLU6 output, which is what issue 14 (QAT) is for.
+
+Usage: python benchmarks/int8_error_sources.py [--backbone mobilenet_v2] [--size 224] [--images 1000]
+Writes benchmarks/results/int8_error_sources.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine, make_testset, save, table  # noqa: E402
+
+
+def float_weights(q: Any) -> Any:
+    """``q`` with every weight DequantizeLinear replaced by its float result (activations stay quantized)."""
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.ModelProto()
+    m.CopyFrom(q)
+    inits = {i.name: i for i in m.graph.initializer}
+    keep = []
+    for n in m.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            w = numpy_helper.to_array(inits[n.input[0]]).astype(np.float32)
+            s = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+            z = numpy_helper.to_array(inits[n.input[2]]).astype(np.float32) if len(n.input) > 2 else 0.0
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            shape = [1] * w.ndim
+            if s.ndim == 1 and w.ndim > 0:
+                shape[axis] = -1
+            m.graph.initializer.append(numpy_helper.from_array(
+                ((w - np.reshape(z, shape if np.ndim(z) else [])) * s.reshape(shape)).astype(np.float32), n.output[0]))
+        else:
+            keep.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="mobilenet_v2")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--images", type=int, default=1000, help="test images measured (of the 10,000)")
+    args = ap.parse_args()
+    import onnx
+
+    from tledge import card as card_mod
+    from tledge.data import scan_for_run
+    from tledge.evalset import EvalSet
+    from tledge.export import onnx as onnx_io
+    from tledge.export import ort
+    from tledge.export.config import ExportConfig
+    from tledge.export.int8.context import FormState, Int8Context
+    from tledge.export.int8.plan import Plan
+    from tledge.export.int8.samples import calibration_samples, judge_split
+    from tledge.model import load_classifier
+    from tledge.perf import tune_allocator
+    tune_allocator()
+
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        from tledge.tune import TuneConfig, run_tune
+        run = tmp / f"run-{args.backbone}-{args.size}"
+        card = run_tune(ROOT / "data/fashion-mnist", run, TuneConfig(backbone=args.backbone, image_size=args.size,
+                                                                     workers=2, cache_dir=str(tmp / "cache")))
+        pre = card_mod.preprocess_of(card)
+        fp32_path = run / "model.onnx"
+        onnx_io.export(load_classifier(run, card), card, fp32_path)
+        fp32 = onnx.load(str(fp32_path))
+        test = EvalSet(test_samples(make_testset(tmp / "test"), args.images), pre, label="test images")
+        rep = scan_for_run(run, card)
+        cfg = ExportConfig(int8=True, threads=2)
+        samples, _ = calibration_samples(card, cfg.calib, rep)
+        with EvalSet(samples, pre, label="calibration images") as calib:
+            x = calib.pre.finish(np.asarray(calib.x))
+        ji, fi = judge_split(len(x), cfg.calib.judge_images)
+        ctx = Int8Context(cfg, base=fp32, judge=x[ji], fit=x[fi], calib_batches=[x[i:i + 32] for i in range(0, len(x), 32)],
+                          card=card, train_samples=list(rep.train), run=run, calib_ids=[s.sha256 for s in samples])
+        ctx.set_reference()
+        Plan.default().run_graph(ctx)
+        ref = ort.logits(ctx.base, test.batches(50), 2)
+        labels = test.labels
+
+        def measure(label: str, form: str, m: Any) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            z = ort.logits(m, test.batches(50), 2)
+            row = {"form": form, "variant": label, "agreement": float((z.argmax(1) == ref.argmax(1)).mean()),
+                   "drop_pt": round(float((ref.argmax(1) == labels).mean() - (z.argmax(1) == labels).mean()) * 100, 2),
+                   "logit_mse": float(((z - ref) ** 2).mean()), "seconds": round(time.perf_counter() - t0, 1)}
+            print(f"  {form:9s} {label:38s} agreement {row['agreement']:.2%}, drop {row['drop_pt']:.2f} pt", flush=True)
+            return row
+
+        rows = []
+        for form in ("tensorrt", "cpu"):
+            state = FormState(form, ctx.base, method="percentile")
+            q = ctx.quantize(state)
+            inits = {i.name for i in q.graph.initializer}
+            sites = [n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+            producer = {o: n.op_type for n in q.graph.node for o in n.output}
+            rows.append(measure("full INT8", form, q))
+            rows.append(measure("weights only (activations float)", form, ctx.quantize(state, float_tensors=tuple(sites))))
+            rows.append(measure("activations only (weights float)", form, float_weights(q)))
+            groups: dict[str, list[str]] = {}
+            for s in sites:
+                groups.setdefault(producer.get(s, "input"), []).append(s)
+            for kind, ts in groups.items():
+                rows.append(measure(f"without the {len(ts)} on {kind} outputs", form,
+                                    ctx.quantize(state, float_tensors=tuple(ts))))
+        test.close()
+    print(table(rows, ["form", "variant", "agreement", "drop_pt", "logit_mse"]))
+    p = save("int8_error_sources", {"machine": machine(), "backbone": args.backbone, "size": args.size,
+                                    "test_images": args.images, "method": "percentile (99.99), nearest rounding, "
+                                    "no bias correction or head refit", "rows": rows})
+    print(f"wrote {p}")
+
+
+def test_samples(folder: Path, n: int) -> list[Any]:
+    """``n`` of the test images, spread over the classes (every k-th of the sorted list)."""
+    from tledge.data import scan
+    val = scan(folder).val
+    idx = np.linspace(0, len(val) - 1, min(n, len(val))).round().astype(int)
+    return [val[i] for i in idx]
+
+
+if __name__ == "__main__":
+    main()
