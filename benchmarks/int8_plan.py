@@ -13,6 +13,7 @@ Per backbone and size, in one process and one run (side by side, so machine nois
 The run's own val split (the embedded 1,000 images) drives the gate, as in `tledge export`.
 
 Usage: python benchmarks/int8_plan.py [--backbones mobilenet_v2,efficientnet_lite0] [--sizes 224,112]
+       [--configs default,escalate,distill] [--out int8_plan]
 Writes benchmarks/results/int8_plan.json.
 """
 from __future__ import annotations
@@ -60,7 +61,13 @@ def quantize_static_both(fp32_path: Path, calib_x: np.ndarray, tmp: Path, method
     return out
 
 
-def bench(name: str, size: int, test_dir: Path, tmp: Path) -> dict:
+CONFIGS = (("tledge default plan", "auto", 0.0), ("all passes on (--escalate on)", "on", 0.0),
+           ("refit distilled (--refit-distill 1)", "auto", 1.0))
+CONFIG_KEYS = {"tledge default plan": "default", "all passes on (--escalate on)": "escalate",
+               "refit distilled (--refit-distill 1)": "distill"}
+
+
+def bench(name: str, size: int, test_dir: Path, tmp: Path, configs: set[str]) -> dict:
     from tledge import card as card_mod
     from tledge.export.config import ExportConfig, GateConfig, Int8Config
     from tledge.export.pipeline import run_export
@@ -69,8 +76,7 @@ def bench(name: str, size: int, test_dir: Path, tmp: Path) -> dict:
     pre = card_mod.preprocess_of(card)
     torch_top1 = float((ref.argmax(1) == ev.labels).mean())
     rows, detail = [], {}
-    for label, escalate, distill in (("tledge default plan", "auto", 0.0), ("all passes on (--escalate on)", "on", 0.0),
-                                     ("refit distilled (--refit-distill 1)", "auto", 1.0)):
+    for label, escalate, distill in [c for c in CONFIGS if c[0] == "tledge default plan" or CONFIG_KEYS[c[0]] in configs]:
         run = tmp / f"{base.name}-{escalate}-{distill}"
         shutil.copytree(base, run)
         cfg = ExportConfig(int8=True, threads=2, gate=GateConfig(max_drop=1.0),
@@ -113,6 +119,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", default="mobilenet_v2,efficientnet_lite0")
     ap.add_argument("--sizes", default="224,112")
+    ap.add_argument("--configs", default="default,escalate,distill",
+                    help="which tledge configurations besides the default plan (always run): escalate, distill")
+    ap.add_argument("--out", default="int8_plan", help="results file name under benchmarks/results (no .json)")
     args = ap.parse_args()
     from tledge.perf import tune_allocator
     tune_allocator()
@@ -122,7 +131,7 @@ def main() -> None:
         test_dir = make_testset(tmp / "fashion-test10k")
         for size in (int(s) for s in args.sizes.split(",")):
             for name in args.backbones.split(","):
-                r = bench(name, size, test_dir, tmp)
+                r = bench(name, size, test_dir, tmp, set(args.configs.split(",")))
                 results.append(r)
                 print(f"\n== {name} @ {size}px, {r['test_images']} test images: PyTorch FP32 top-1 {r['torch_top1']:.4f}")
                 print(table(r["rows"], ["config", "form", "export_s", "top1", "drop_pt", "agreement", "val_drop_pt",
@@ -135,8 +144,8 @@ def main() -> None:
                         print(f"  {f}: judge agreement of the cheap recipe {c['check']['agreement']:.3f}, "
                               f"escalated {c['check']['escalate']}, kept {c['kept']}")
                 print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items()))
-                save("int8_plan", {"machine": machine(), "results": results})
-    print(f"\nwrote {save('int8_plan', {'machine': machine(), 'results': results})}")
+                save(args.out, {"machine": machine(), "results": results})
+    print(f"\nwrote {save(args.out, {'machine': machine(), 'results': results})}")
 
 
 if __name__ == "__main__":
