@@ -80,15 +80,17 @@ def quantizer_sensitivity(q: Any, batches: list[np.ndarray], refs: list[np.ndarr
 def ranked_quantizers(ctx: Int8Context, q: Any, form: str) -> tuple[list[tuple[str, float]], str]:
     """The gate's ranking of ``q``'s activation quantizers, most damaging first, and how it was made."""
     from tledge.errors import UsageError
-    batches = ctx.judge_batches()
-    refs = [ctx.judge_ref[i:i + len(b)] for i, b in zip(range(0, len(ctx.judge), 32), batches)]
+    # batches of 8: the trace keeps every tensor of the batch for the backward pass (about 1 GB at 32 images of
+    # mobilenet_v2 at 224 px); the sums do not depend on the batch size beyond float order, which is fixed
+    batches = ctx.judge_batches(8)
+    refs = [ctx.judge_ref[i:i + len(b)] for i, b in zip(range(0, len(ctx.judge), 8), batches)]
     try:
         with progress() as prog:
             task = prog.add_task(f"ranking the quantizers ({form})", total=len(ctx.judge), info="")
             return quantizer_sensitivity(q, batches, refs, lambda n: prog.advance(task, n)), "taylor"
     except UsageError as e:
         note(f"gate: ranking quantizers by the error each adds to its own tensor ({e.what})")
-        return quantizer_errors(q, batches, ctx.threads), "relative-error"
+        return quantizer_errors(q, ctx.judge_batches(), ctx.threads), "relative-error"
 
 
 def val_result(q: Any, evalset: EvalSet, ref: np.ndarray, threads: int | None, label: str) -> dict[str, float]:
