@@ -7,6 +7,12 @@ against the FP32 graph, then again with one source of error taken away:
   - activations only: every weight dequantized back to float beforehand (the activations stay INT8);
   - per producer kind: the activation quantizers on the outputs of one kind of node removed (input, Clip =
     the ReLU6 outputs, Conv, Add, Flatten ...).
+Caveat: in the one run so far (mobilenet_v2 224 px, 1,000 test images) "activations only" came out *worse*
+than full INT8 in both forms (85.9 vs 92.9%, 90.1 vs 94.2% agreement), which the arithmetic does not explain
+(the float weights are exactly the dequantized INT8 ones); on 16 images the torch interpretation of the graph,
+onnxruntime on it and onnxruntime on its float-weight copy differ by up to 0.9-2.0 logits. Until that is
+understood, read that row as unexplained. The other rows remove quantizers through quantize_model's own
+``exclude_tensors``, as the accuracy gate does.
 A source whose removal brings agreement with FP32 close to 100% is what limits the form; the TensorRT form's
 symmetric INT8 leaves 7 useful bits to a ReLU6 output, which is what issue 14 (QAT) is for.
 
@@ -51,6 +57,10 @@ def float_weights(q: Any) -> Any:
             keep.append(n)
     del m.graph.node[:]
     m.graph.node.extend(keep)
+    used = {i for n in keep for i in n.input}
+    live = [i for i in m.graph.initializer if i.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(live)
     return m
 
 
