@@ -80,6 +80,7 @@ def main() -> None:
     from tledge.export.config import ExportConfig
     from tledge.export.int8.context import FormState, Int8Context
     from tledge.export.int8.plan import Plan
+    from tledge.export.int8.quantize import activation_quantizers
     from tledge.export.int8.samples import calibration_samples, judge_split
     from tledge.model import load_classifier
     from tledge.perf import tune_allocator
@@ -122,8 +123,7 @@ def main() -> None:
         for form in ("tensorrt", "cpu"):
             state = FormState(form, ctx.base, method="percentile")
             q = ctx.quantize(state)
-            inits = {i.name for i in q.graph.initializer}
-            sites = [n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+            sites = [n.input[0] for n in activation_quantizers(q)]
             producer = {o: n.op_type for n in q.graph.node for o in n.output}
             rows.append(measure("full INT8", form, q))
             rows.append(measure("weights only (activations float)", form, ctx.quantize(state, float_tensors=tuple(sites))))

@@ -14,7 +14,6 @@ from tledge.cli import main
 from tledge.data import scan
 from tledge.errors import AccuracyError, DataError, MissingDependency, UsageError
 from tledge.evalset import EvalSet, run_logits
-from tledge.export import ort
 from tledge.export import tensorrt as trtb
 from tledge.export.config import METHODS
 from tledge.export.int8 import calibrate as cal
@@ -131,8 +130,8 @@ def test_gate_ranking_predicts_what_removing_a_quantizer_does(run: Path, form: s
     ctx, *_ = _sabotaged(run, 2.0, shrink=1.0)
     state = FormState(form, ctx.base, method="minmax")
     q = ctx.quantize(state)
-    batches = ctx.judge_batches(8)
-    ranked = quantizer_sensitivity(q, batches, [ctx.judge_ref[i:i + 8] for i in range(0, len(ctx.judge), 8)])
+    batches, refs = ctx.judge_batches(8), ctx.judge_ref_batches(8)
+    ranked = quantizer_sensitivity(q, batches, refs)
     assert len(ranked) > 40 and ranked[0][1] > 0 and ranked[0][1] >= ranked[-1][1]
 
     def loss(m: onnx.ModelProto) -> float:
@@ -143,7 +142,7 @@ def test_gate_ranking_predicts_what_removing_a_quantizer_does(run: Path, form: s
     gain_last = base - loss(ctx.quantize(state, float_tensors=(ranked[-1][0],)))
     assert gain_top > 0 and gain_top > gain_last, (ranked[0], gain_top, ranked[-1], gain_last)
     # the same ranking twice: fixed threads and order
-    assert quantizer_sensitivity(q, batches, [ctx.judge_ref[i:i + 8] for i in range(0, len(ctx.judge), 8)]) == ranked
+    assert quantizer_sensitivity(q, batches, refs) == ranked
 
 
 def test_accuracy_gate_fails_loudly_without_fallback(run: Path) -> None:

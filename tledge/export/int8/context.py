@@ -84,6 +84,10 @@ class Int8Context:
     def judge_batches(self, size: int = 32) -> list[np.ndarray]:
         return [np.ascontiguousarray(self.judge[i:i + size]) for i in range(0, len(self.judge), size)]
 
+    def judge_ref_batches(self, size: int = 32) -> list[np.ndarray]:
+        """The FP32 logits of the judge images, in the batches of ``judge_batches(size)``."""
+        return [self.judge_ref[i:i + size] for i in range(0, len(self.judge), size)]
+
     def logits(self, model: Any, x: np.ndarray | None = None) -> np.ndarray:
         batches = self.judge_batches() if x is None else [np.ascontiguousarray(x[i:i + 32])
                                                           for i in range(0, len(x), 32)]

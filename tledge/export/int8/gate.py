@@ -24,14 +24,13 @@ from tledge.errors import AccuracyError
 from tledge.evalset import EvalSet, compare
 from tledge.export import ort
 from tledge.export.int8.context import FormState, Int8Context
+from tledge.export.int8.quantize import activation_quantizers
 
 
 def quantizer_errors(q: Any, batches: list[np.ndarray], threads: int | None = None) -> list[tuple[str, float]]:
     """(activation tensor, relative error its quantizer adds) for every activation Q/DQ pair of ``q``, from
     one run over ``batches``; the most damaging first (ties by name, so the order is reproducible)."""
-    inits = {i.name for i in q.graph.initializer}
-    pairs = [(n.input[0], n.output[0]) for n in q.graph.node
-             if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    pairs = [(n.input[0], n.output[0]) for n in activation_quantizers(q)]
     deq = {n.input[0]: n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
     sites = [(t, deq[qo]) for t, qo in pairs if qo in deq]
     names = sorted({x for s in sites for x in s})
@@ -58,8 +57,7 @@ def quantizer_sensitivity(q: Any, batches: list[np.ndarray], refs: list[np.ndarr
     from tledge.export.int8.context import torch_threads
     from tledge.export.int8.passes.qat import build
 
-    inits = {i.name for i in q.graph.initializer}
-    qnodes = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    qnodes = activation_quantizers(q)
     net = build(q)
     for p in net.parameters():
         p.requires_grad_(False)
@@ -82,12 +80,11 @@ def ranked_quantizers(ctx: Int8Context, q: Any, form: str) -> tuple[list[tuple[s
     from tledge.errors import UsageError
     # batches of 8: the trace keeps every tensor of the batch for the backward pass (about 1 GB at 32 images of
     # mobilenet_v2 at 224 px); the sums do not depend on the batch size beyond float order, which is fixed
-    batches = ctx.judge_batches(8)
-    refs = [ctx.judge_ref[i:i + len(b)] for i, b in zip(range(0, len(ctx.judge), 8), batches)]
     try:
         with progress() as prog:
             task = prog.add_task(f"ranking the quantizers ({form})", total=len(ctx.judge), info="")
-            return quantizer_sensitivity(q, batches, refs, lambda n: prog.advance(task, n)), "taylor"
+            return quantizer_sensitivity(q, ctx.judge_batches(8), ctx.judge_ref_batches(8),
+                                         lambda n: prog.advance(task, n)), "taylor"
     except UsageError as e:
         note(f"gate: ranking quantizers by the error each adds to its own tensor ({e.what})")
         return quantizer_errors(q, ctx.judge_batches(), ctx.threads), "relative-error"

@@ -260,6 +260,12 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
     return model
 
 
+def activation_quantizers(model: Any) -> list[Any]:
+    """The QuantizeLinear nodes of a Q/DQ graph that quantize activations (not initializers), in graph order."""
+    inits = {i.name for i in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+
+
 def check_tensorrt_qdq(model: Any) -> list[str]:
     """Problems that keep a graph from being a valid TensorRT explicit-quantization graph: every
     quantizer symmetric INT8 with zero-point 0, activations per-tensor, weights per-channel on the

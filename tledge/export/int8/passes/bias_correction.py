@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from tledge.console import progress
 from tledge.export.config import ExportConfig
 from tledge.export.graph import attr, consumers_of, copy_model, weighted_nodes
 from tledge.export.int8.context import FormState, Int8Context, torch_threads

@@ -14,7 +14,7 @@ training images (never val), and keeps the weights with the lowest distillation 
 images (early stopping). Scales are fixed by default (``--qat-scales learned`` trains them, LSQ-style).
 The result is a new FormState: float weights and biases whose nearest rounding is what was trained, plus the
 learned activation scales; the gate and the writer then treat it like any other recipe. torch runs on a
-fixed QAT_THREADS threads here, whatever --threads says or the machine has: a fixed partition of every
+fixed context.TORCH_THREADS threads here, whatever --threads says or the machine has: a fixed partition of every
 reduction, so the same graph comes out of `--threads 1` and `--threads 2` (measured: 1 and 2 threads differ by
 1.5e-8 in the weights after 8 steps, enough to flip a rounding; 2 threads halve the time of 1).
 """
@@ -28,11 +28,10 @@ import numpy as np
 from tledge.console import note, progress
 from tledge.errors import UsageError
 from tledge.export.config import ExportConfig
-from tledge.export.int8.context import TORCH_THREADS, FormState, Int8Context, torch_threads
+from tledge.export.int8.context import FormState, Int8Context, torch_threads
 from tledge.export.int8.plan import PassRecord
 from tledge.faults import maybe_interrupt
 
-QAT_THREADS = TORCH_THREADS
 SUPPORTED = {"Conv", "Gemm", "Clip", "Relu", "Add", "Sub", "Mul", "Div", "GlobalAveragePool", "Flatten", "Pad",
              "Reshape", "ReduceMean", "Concat", "Sigmoid", "Identity", "MaxPool", "AveragePool",
              "QuantizeLinear", "DequantizeLinear"}
@@ -313,7 +312,7 @@ class Qat:
         # the CPU's in the last bits, as any two devices' float reductions do
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         xh, th = torch.from_numpy(x_all[hold]).to(dev), torch.from_numpy(teacher[hold]).to(dev)
-        with torch_threads(QAT_THREADS):
+        with torch_threads():
             torch.manual_seed(1357)
             net = build(q, cfg.qat_scales == "learned").to_device(dev)
 
