@@ -20,9 +20,10 @@ def session(model: Any, threads: int | None = None, optimize: bool = True) -> An
 
 
 def logits(model: Any, batches: Iterable[np.ndarray], threads: int | None = None,
-           advance: Any = None) -> np.ndarray:
-    """The graph's first output over ``batches``, concatenated. ``advance(n)`` is called per batch."""
-    sess = session(model, threads)
+           advance: Any = None, optimize: bool = True) -> np.ndarray:
+    """The graph's first output over ``batches``, concatenated. ``advance(n)`` is called per batch.
+    ``optimize=False`` runs the graph as written (every Q/DQ pair computed in float, no fused INT8 kernels)."""
+    sess = session(model, threads, optimize)
     name = sess.get_inputs()[0].name
     out = []
     for b in batches:

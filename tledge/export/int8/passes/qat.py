@@ -4,7 +4,7 @@ quantizers tledge's Q/DQ graph has, then write the result back as the same INT8 
 The network trained is the form's Q/DQ graph itself, interpreted op by op in torch (``QdqNet``), so the fake
 quantization sits exactly where the exported graph quantizes, with its signedness, zero-points and ranges:
 - each activation QuantizeLinear/DequantizeLinear pair becomes ``(clamp(round(x/s) + z, lo, hi) - z) * s`` with a
-  straight-through round (int8, z = 0 for the TensorRT form; uint8 with its zero-point for the CPU form);
+  straight-through round (torch's fused fake-quantize kernels) (int8, z = 0 for the TensorRT form; uint8 with its zero-point for the CPU form);
 - each weight DequantizeLinear becomes per-channel symmetric fake quantization with tledge's own scale rule
   (max |w| / 127, narrow range), recomputed from the current weights, as quantize_model will at export;
 - BatchNorm is already folded into the convolutions by the ONNX export, so it cannot drift.
@@ -45,24 +45,26 @@ def _attr(node: Any, name: str, default: Any) -> Any:
     return default
 
 
-def round_ste(v: Any) -> Any:
-    """round(v) forward (half to even, as ONNX QuantizeLinear), identity backward."""
-    import torch
-    return v + (torch.round(v) - v).detach()
-
-
 def fake_quant(x: Any, scale: Any, zp: int, lo: int, hi: int) -> Any:
+    """``(clamp(round(x/s) + zp, lo, hi) - zp) * s``, round half to even, gradient straight through inside the
+    range, as one fused torch kernel (forward and backward): QAT's cost is mostly these elementwise passes, not
+    the convolutions. A trainable ``scale`` gets the LSQ gradient (Esser et al. 2020, no gradient scaling)."""
     import torch
-    return (torch.clamp(round_ste(x / scale) + zp, lo, hi) - zp) * scale
+    if scale.requires_grad:
+        return torch._fake_quantize_learnable_per_tensor_affine(
+            x, scale.reshape(1), torch.full((1,), float(zp), device=x.device), lo, hi, 1.0)
+    return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), torch.full((1,), zp, dtype=torch.int32,
+                                                                                   device=x.device), lo, hi)
 
 
 def weight_fake_quant(w: Any, axis: int) -> Any:
-    """Per-channel symmetric narrow-range fake quantization: the scale rule of quantize.weight_scales."""
+    """Per-channel symmetric narrow-range fake quantization: the scale rule of quantize.weight_scales (max |w| /
+    127, recomputed from the current weights, not trained), one fused kernel."""
     import torch
     dims = tuple(i for i in range(w.dim()) if i != axis)
-    amax = w.detach().abs().amax(dim=dims, keepdim=True)
+    amax = w.detach().abs().amax(dim=dims)
     s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    return torch.clamp(round_ste(w / s), -127, 127) * s
+    return torch.fake_quantize_per_channel_affine(w, s, torch.zeros_like(s, dtype=torch.int32), axis, -127, 127)
 
 
 def build(q: Any, learn_scales: bool = False) -> Any:
