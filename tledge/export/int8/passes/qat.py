@@ -317,6 +317,20 @@ class Qat:
         with torch_threads():
             torch.manual_seed(1357)
             net = build(q, cfg.qat_scales == "learned").to_device(dev)
+            teacher_net = build(ctx.base).to_device(dev).eval() if cfg.qat_mix > 0 else None
+            mix_rng = np.random.default_rng(8642)
+
+            def mixed(xb: Any) -> tuple[Any, Any]:
+                """Mixup of a batch (pairs of images, Beta(a, a) weights) and the FP32 teacher's logits on it."""
+                lam = torch.from_numpy(mix_rng.beta(cfg.qat_mix, cfg.qat_mix, len(xb)).astype(np.float32))
+                perm = torch.from_numpy(mix_rng.permutation(len(xb)))
+                xm = lam.to(dev).view(-1, 1, 1, 1) * xb + (1 - lam.to(dev).view(-1, 1, 1, 1)) * xb[perm.to(dev)]
+                with torch.no_grad():
+                    return xm, torch.cat([teacher_net(xm[i:i + 64]) for i in range(0, len(xm), 64)])
+
+            if teacher_net is not None:  # early stopping also sees mixed held-out images, fixed once
+                xm, tm = mixed(xh)
+                xh, th = torch.cat([xh, xm]), torch.cat([th, tm])
 
             def make_opt(m: Any) -> Any:
                 groups = [{"params": list(m.w.values()) + list(m.b.values()), "lr": cfg.qat_lr}]
@@ -346,7 +360,10 @@ class Qat:
             with progress() as prog:
                 task = prog.add_task(f"QAT ({state.form})", total=cfg.qat_steps, info="")
                 for step, idx in enumerate(batch_idx, 1):
-                    loss = distill_loss(net(torch.from_numpy(x_all[idx]).to(dev)), torch.from_numpy(teacher[idx]).to(dev))
+                    xb, tb = torch.from_numpy(x_all[idx]).to(dev), torch.from_numpy(teacher[idx]).to(dev)
+                    if teacher_net is not None:  # mixup: images between two classes, where the decisions are made
+                        xb, tb = mixed(xb)
+                    loss = distill_loss(net(xb), tb)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
