@@ -137,6 +137,12 @@ def test_qat_needs_int8(tmp_path: Path, ptq_run: Path) -> None:
     assert r.returncode == 2 and "add --int8" in r.stderr, r.stderr
 
 
+def test_a_negative_mixup_alpha_is_refused() -> None:
+    with pytest.raises(UsageError, match="--qat-mix -0.5 is not a mixup alpha"):
+        export_cfg(qat="on", qat_mix=-0.5).validate()
+    export_cfg(qat="on", qat_mix=0.0).validate()  # 0: no mixup, allowed
+
+
 def test_qat_auto_runs_from_the_gate_before_any_fallback(default_run_64: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     run = copy_run(default_run_64, tmp_path / "run")
