@@ -259,15 +259,20 @@ def write_back(net: Any, state: FormState, new: dict[str, np.ndarray]) -> None:
     state.model, state.rounding, state.rounding_name = m, {}, "qat"
 
 
-def expected_seconds(net: Any, x: Any, teacher: Any, opt_step: Any) -> float:
-    """Seconds of one training step on this machine, from two timed steps on a copy (only printed: no
-    decision depends on it)."""
+def expected_seconds(net: Any, x: Any, teacher: Any, opt_step: Any, teacher_net: Any = None) -> float:
+    """Seconds of one training step on this machine, from two timed steps on a copy, the FP32 teacher's
+    forward pass included when it runs per step (mixup). Only printed: no decision depends on it."""
     import copy
+
+    import torch
     probe = copy.deepcopy(net)
     opt = opt_step(probe)
     t = []
     for _ in range(2):
         t0 = time.perf_counter()
+        if teacher_net is not None:
+            with torch.no_grad():
+                teacher_net(x)
         loss = distill_loss(probe(x), teacher)
         opt.zero_grad()
         loss.backward()
@@ -348,7 +353,7 @@ class Qat:
             b = cfg.qat_batch
             batch_idx = [fit[(i * b + np.arange(b)) % len(fit)] for i in range(cfg.qat_steps)]
             per_step = expected_seconds(net, torch.from_numpy(x_all[batch_idx[0]]).to(dev),
-                                        torch.from_numpy(teacher[batch_idx[0]]).to(dev), make_opt)
+                                        torch.from_numpy(teacher[batch_idx[0]]).to(dev), make_opt, teacher_net)
             note(f"QAT ({state.form}, {dev.type}): {cfg.qat_steps} steps of batch {b} on {len(fit)} training images "
                  f"({n_hold} held out for early stopping); expected about {per_step * cfg.qat_steps / 60:.1f} min here")
             loss0, agree0 = held_out()
