@@ -99,3 +99,20 @@ def test_fold_shapes_computes_runtime_padding_once_and_keeps_outputs(tmp_path: P
     onnx.save(f, str(tmp_path / "f.onnx"))
     with OrtRunner(tmp_path / "m.onnx", "cpu", 1) as a, OrtRunner(tmp_path / "f.onnx", "cpu", 1) as b:
         np.testing.assert_allclose(b.infer(x), a.infer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_qat_interpreter_runs_efficientnet_lite_shape_arithmetic(tmp_path: Path) -> None:
+    """QAT's torch interpreter computes EfficientNet-Lite's graph, folded or not: the Shape -> Gather ->
+    Unsqueeze -> Slice -> Transpose chains of its run-time padding (the batch is dynamic, so folding keeps
+    them) give onnxruntime's logits, at a batch size other than the export's."""
+    from tledge.export.int8.passes.qat import build
+    card = fake_card("efficientnet_lite0", 64)
+    torch.manual_seed(0)
+    onnx_io.export(build_classifier(card).eval(), card, tmp_path / "m.onnx")
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(1).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    for g in (m, onnx_io.fold_shapes(m)):
+        assert {"Shape", "Gather", "Slice", "Transpose"} <= {n.op_type for n in g.graph.node}
+        onnx.save(g, str(tmp_path / "g.onnx"))
+        with OrtRunner(tmp_path / "g.onnx", "cpu", 1) as r, torch.no_grad():
+            np.testing.assert_allclose(build(g).eval()(torch.from_numpy(x)).numpy(), r.infer(x), rtol=1e-4, atol=1e-4)

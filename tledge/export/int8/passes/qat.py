@@ -34,7 +34,13 @@ from tledge.faults import maybe_interrupt
 
 SUPPORTED = {"Conv", "Gemm", "Clip", "Relu", "Add", "Sub", "Mul", "Div", "GlobalAveragePool", "Flatten", "Pad",
              "Reshape", "ReduceMean", "Concat", "Sigmoid", "Identity", "MaxPool", "AveragePool",
-             "QuantizeLinear", "DequantizeLinear"}
+             "QuantizeLinear", "DequantizeLinear",
+             # shape arithmetic (EfficientNet-Lite's run-time "same" padding: the batch is dynamic, so folding
+             # leaves Shape -> Gather -> ... -> Pad chains in the graph)
+             "Shape", "Gather", "Unsqueeze", "Slice", "Transpose", "Cast", "ConstantOfShape", "Constant"}
+
+# ONNX TensorProto data types -> torch dtypes, for Cast and ConstantOfShape
+_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64"}
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -87,6 +93,10 @@ def build(q: Any, learn_scales: bool = False) -> Any:
         if name in inits:
             return np.ascontiguousarray(inits[name].astype(np.float32))
         dq = producer[name]
+        if dq.op_type == "Identity":  # the torch exporter shares equal initializers (e.g. zero biases) this way
+            return _value(dq.input[0])
+        if dq.op_type == "Constant":
+            return np.ascontiguousarray(numpy_helper.to_array(_attr(dq, "value", None)).astype(np.float32))
         v = inits[dq.input[0]].astype(np.float64)
         s = inits[dq.input[1]].astype(np.float64)
         z = inits[dq.input[2]].astype(np.float64) if len(dq.input) > 2 else 0.0
@@ -185,7 +195,12 @@ def build(q: Any, learn_scales: bool = False) -> Any:
                     y = F.relu(ins[0])
                 elif op in ("Add", "Sub", "Mul", "Div"):
                     a, b = ins[0], ins[1]
-                    y = {"Add": lambda: a + b, "Sub": lambda: a - b, "Mul": lambda: a * b, "Div": lambda: a / b}[op]()
+                    if op == "Div" and not a.is_floating_point() and not b.is_floating_point():
+                        y = torch.div(a, b, rounding_mode="trunc")  # ONNX integer Div truncates
+                    else:
+                        y = {"Add": lambda: a + b, "Sub": lambda: a - b, "Mul": lambda: a * b, "Div": lambda: a / b}[op]()
+                elif op in SHAPE_OPS:
+                    y = shape_op(n, ins)
                 elif op == "GlobalAveragePool":
                     y = ins[0].mean(dim=(2, 3), keepdim=True)
                 elif op == "Flatten":
@@ -224,6 +239,58 @@ def build(q: Any, learn_scales: bool = False) -> Any:
             return env[q.graph.output[0].name]
 
     return Net()
+
+
+SHAPE_OPS = ("Shape", "Gather", "Unsqueeze", "Slice", "Transpose", "Cast", "ConstantOfShape", "Constant")
+
+
+def shape_op(n: Any, ins: list[Any]) -> Any:
+    """The shape-arithmetic and layout ops of SHAPE_OPS in torch, with ONNX's semantics (opset 13+: axes and
+    Slice bounds as inputs, older opsets' attributes also read)."""
+    import torch
+    from onnx import numpy_helper
+    op, x = n.op_type, ins[0] if ins else None
+    if op == "Shape":
+        return torch.tensor(list(x.shape), dtype=torch.int64, device=x.device)
+    if op == "Gather":
+        axis, idx = int(_attr(n, "axis", 0)), ins[1].long()
+        axis = axis % x.dim()
+        idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+        if idx.dim() == 0:
+            return x.select(axis, int(idx))
+        return x.index_select(axis, idx.flatten()).reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+    if op == "Unsqueeze":
+        axes = _attr(n, "axes", None)
+        axes = [int(v) for v in (ins[1] if axes is None else axes)]
+        rank = x.dim() + len(axes)
+        for a in sorted(a % rank for a in axes):
+            x = x.unsqueeze(a)
+        return x
+    if op == "Slice":
+        starts, ends = _attr(n, "starts", None), _attr(n, "ends", None)
+        if starts is None:
+            starts, ends = [int(v) for v in ins[1]], [int(v) for v in ins[2]]
+            axes = [int(v) for v in ins[3]] if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
+            steps = [int(v) for v in ins[4]] if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
+        else:
+            axes, steps = list(_attr(n, "axes", range(len(starts)))), [1] * len(starts)
+        for st, en, a, sp in zip(starts, ends, axes, steps):
+            a %= x.dim()
+            keep = list(range(*slice(st, en, sp).indices(x.shape[a])))  # clamps INT64_MAX ends, negative steps
+            x = x.index_select(a, torch.tensor(keep, dtype=torch.int64, device=x.device))
+        return x
+    if op == "Transpose":
+        perm = _attr(n, "perm", None)
+        return x.permute(*(perm if perm is not None else reversed(range(x.dim()))))
+    if op == "Cast":
+        return x.to(getattr(torch, _DTYPES[int(_attr(n, "to", 1))]))
+    if op == "ConstantOfShape":
+        v = _attr(n, "value", None)
+        fill = numpy_helper.to_array(v).reshape(-1) if v is not None else np.zeros(1, np.float32)
+        return torch.full([int(d) for d in x], fill[0].item(), dtype=getattr(torch, str(fill.dtype)), device=x.device)
+    if op == "Constant":
+        return torch.from_numpy(np.array(numpy_helper.to_array(_attr(n, "value", None))))
+    raise UsageError(f"--qat: op {op} not supported", "export without --qat.")
 
 
 def _key(name: str) -> str:
