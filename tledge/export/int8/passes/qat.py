@@ -4,7 +4,7 @@ quantizers tledge's Q/DQ graph has, then write the result back as the same INT8 
 The network trained is the form's Q/DQ graph itself, interpreted op by op in torch (``QdqNet``), so the fake
 quantization sits exactly where the exported graph quantizes, with its signedness, zero-points and ranges:
 - each activation QuantizeLinear/DequantizeLinear pair becomes ``(clamp(round(x/s) + z, lo, hi) - z) * s`` with a
-  straight-through round (torch's fused fake-quantize kernels) (int8, z = 0 for the TensorRT form; uint8 with its zero-point for the CPU form);
+  straight-through round, one fused torch kernel (int8, z = 0 for the TensorRT form; uint8 with its zero-point for the CPU form);
 - each weight DequantizeLinear becomes per-channel symmetric fake quantization with tledge's own scale rule
   (max |w| / 127, narrow range), recomputed from the current weights, as quantize_model will at export;
 - BatchNorm is already folded into the convolutions by the ONNX export, so it cannot drift.
@@ -32,12 +32,12 @@ from tledge.export.int8.context import FormState, Int8Context, torch_threads
 from tledge.export.int8.plan import PassRecord
 from tledge.faults import maybe_interrupt
 
+# shape arithmetic and layout (EfficientNet-Lite's run-time "same" padding: the batch is dynamic, so folding
+# leaves Shape -> Gather -> ... -> Pad chains in the graph), computed by shape_op
+SHAPE_OPS = ("Shape", "Gather", "Unsqueeze", "Slice", "Transpose", "Cast", "ConstantOfShape", "Constant")
 SUPPORTED = {"Conv", "Gemm", "Clip", "Relu", "Add", "Sub", "Mul", "Div", "GlobalAveragePool", "Flatten", "Pad",
              "Reshape", "ReduceMean", "Concat", "Sigmoid", "Identity", "MaxPool", "AveragePool",
-             "QuantizeLinear", "DequantizeLinear",
-             # shape arithmetic (EfficientNet-Lite's run-time "same" padding: the batch is dynamic, so folding
-             # leaves Shape -> Gather -> ... -> Pad chains in the graph)
-             "Shape", "Gather", "Unsqueeze", "Slice", "Transpose", "Cast", "ConstantOfShape", "Constant"}
+             "QuantizeLinear", "DequantizeLinear", *SHAPE_OPS}
 
 # ONNX TensorProto data types -> torch dtypes, for Cast and ConstantOfShape
 _DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64"}
@@ -249,9 +249,6 @@ def build(q: Any, learn_scales: bool = False) -> Any:
     return Net()
 
 
-SHAPE_OPS = ("Shape", "Gather", "Unsqueeze", "Slice", "Transpose", "Cast", "ConstantOfShape", "Constant")
-
-
 def shape_op(n: Any, ins: list[Any]) -> Any:
     """The shape-arithmetic and layout ops of SHAPE_OPS in torch, with ONNX's semantics (opset 13+: axes and
     Slice bounds as inputs, older opsets' attributes also read)."""
@@ -403,8 +400,9 @@ class Qat:
             def mixed(xb: Any) -> tuple[Any, Any]:
                 """Mixup of a batch (pairs of images, Beta(a, a) weights) and the FP32 teacher's logits on it."""
                 lam = torch.from_numpy(mix_rng.beta(cfg.qat_mix, cfg.qat_mix, len(xb)).astype(np.float32))
-                perm = torch.from_numpy(mix_rng.permutation(len(xb)))
-                xm = lam.to(dev).view(-1, 1, 1, 1) * xb + (1 - lam.to(dev).view(-1, 1, 1, 1)) * xb[perm.to(dev)]
+                lam = lam.to(dev).view(-1, 1, 1, 1)
+                perm = torch.from_numpy(mix_rng.permutation(len(xb))).to(dev)
+                xm = lam * xb + (1 - lam) * xb[perm]
                 with torch.no_grad():
                     return xm, torch.cat([teacher_net(xm[i:i + 64]) for i in range(0, len(xm), 64)])
 
