@@ -8,8 +8,8 @@ top-1 drop against PyTorch and the top-1 agreement with FP32 on the test images,
 seconds per form.
 
 Usage: python benchmarks/qat.py [--backbones mobilenet_v2,efficientnet_lite0] [--sizes 112] [--steps 300]
-        [--scales fixed,learned]
-Writes benchmarks/results/qat.json.
+        [--scales fixed,learned] [--out qat]
+Writes benchmarks/results/<out>.json (qat.json by default), after every export.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PY, machine, make_testset, run_child, save, table, test_metrics, tuned_reference  # noqa: E402
 
 
-def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, tmp: Path, done: list) -> dict:
+def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, tmp: Path, done: list,
+          out: str) -> dict:
     base, _, ev, ref = tuned_reference(name, size, test_dir, tmp)
     rows, detail = [], {}
     configs = [("PTQ default", [])] + [(f"QAT {s} scales", ["--qat", "--qat-steps", str(steps), "--qat-scales", s])
@@ -51,7 +52,7 @@ def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, t
                          "peak_mib": round(child["peak_rss_mib"])})
         shutil.rmtree(run)
         # saved after every export: a run cut short by its time limit keeps what it measured
-        save("qat", {"machine": machine(), "results": done + [{"backbone": name, "size": size, "rows": rows,
+        save(out, {"machine": machine(), "results": done + [{"backbone": name, "size": size, "rows": rows,
                                                               "detail": detail, "partial": True}]})
     ev.close()
     return {"backbone": name, "size": size, "test_images": len(ref),
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="112")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--scales", default="fixed,learned")
+    ap.add_argument("--out", default="qat", help="results file name under benchmarks/results (no .json)")
     args = ap.parse_args()
     import os
     os.environ.setdefault("TLEDGE_PROGRESS", "0")
@@ -76,13 +78,13 @@ def main() -> None:
         test_dir = make_testset(tmp / "fashion-test10k")
         for size in (int(s) for s in args.sizes.split(",")):
             for name in args.backbones.split(","):
-                r = bench(name, size, args.steps, args.scales.split(","), test_dir, tmp, results)
+                r = bench(name, size, args.steps, args.scales.split(","), test_dir, tmp, results, args.out)
                 results.append(r)
                 print(f"\n== {name} @ {size}px, {r['test_images']} test images: PyTorch FP32 top-1 {r['torch_top1']:.4f}")
                 print(table(r["rows"], ["config", "form", "top1", "drop_pt", "agreement", "val_drop_pt", "qat_s",
                                         "export_s", "peak_mib"]))
-                save("qat", {"machine": machine(), "results": results, "seconds": round(time.perf_counter() - t0)})
-    print(f"\nwrote {save('qat', {'machine': machine(), 'results': results, 'seconds': round(time.perf_counter() - t0)})}")
+                save(args.out, {"machine": machine(), "results": results, "seconds": round(time.perf_counter() - t0)})
+    print(f"\nwrote {save(args.out, {'machine': machine(), 'results': results, 'seconds': round(time.perf_counter() - t0)})}")
 
 
 if __name__ == "__main__":
