@@ -5,7 +5,8 @@ Per backbone and size, in one run: tune the embedded default, then `tledge expor
 plan), `--int8 --qat` (fixed calibrated scales) and `--int8 --qat --qat-scales learned`, each export in its
 own process (its wall time and peak memory measured from outside); for every INT8 graph, both forms, the
 top-1 drop against PyTorch and the top-1 agreement with FP32 on the test images, and the QAT pass's own
-seconds per form.
+seconds per form. For the QAT graphs also how closely onnxruntime (the session bench uses) computes what the
+torch fake-quant network trained: top-1 agreement and max |logit diff| on the first 2,000 test images.
 
 Usage: python benchmarks/qat.py [--backbones mobilenet_v2,efficientnet_lite0] [--sizes 112] [--steps 300]
         [--scales fixed,learned] [--out qat]
@@ -23,6 +24,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PY, machine, make_testset, run_child, save, table, test_metrics, tuned_reference  # noqa: E402
+
+
+def torch_match(path: Path, ev, n: int = 2000) -> dict:
+    """The torch fake-quant network of the exported Q/DQ graph (the network QAT trained, weights exactly: see
+    tests/integration/test_qat.py) against onnxruntime's optimised CPU session on ``n`` test images."""
+    import numpy as np
+    import onnx
+    import torch
+
+    from tledge.export import ort
+    from tledge.export.int8.context import torch_threads
+    from tledge.export.int8.passes.qat import build
+    x = ev.first(n)
+    q = onnx.load(str(path))
+    batches = [x[i:i + 100] for i in range(0, len(x), 100)]
+    with torch_threads(), torch.no_grad():
+        net = build(q)
+        z = np.concatenate([net(torch.from_numpy(b)).numpy() for b in batches])
+    r = ort.logits(q, batches)
+    return {"torch_agreement": float((z.argmax(1) == r.argmax(1)).mean()),
+            "torch_max_diff": float(np.abs(z - r).max()), "torch_mean_diff": float(np.abs(z - r).mean())}
 
 
 def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, tmp: Path, done: list,
@@ -46,7 +68,8 @@ def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, t
                          "kept_float": {f: g["kept_float"] for f, g in m["int8"]["gate"].items()}}
         for form in ("tensorrt", "cpu"):
             f = run / f"model.int8.{'trt' if form == 'tensorrt' else 'cpu'}.onnx"
-            rows.append({"config": label, "form": form, **test_metrics(f, ev, ref),
+            match = torch_match(f, ev) if extra else {}
+            rows.append({"config": label, "form": form, **test_metrics(f, ev, ref), **match,
                          "val_drop_pt": m["checks"][f"int8-{form}"]["final"]["drop_points"],
                          "qat_s": qat_s.get(form), "export_s": round(child["wall_s"], 1),
                          "peak_mib": round(child["peak_rss_mib"])})
@@ -82,7 +105,7 @@ def main() -> None:
                 results.append(r)
                 print(f"\n== {name} @ {size}px, {r['test_images']} test images: PyTorch FP32 top-1 {r['torch_top1']:.4f}")
                 print(table(r["rows"], ["config", "form", "top1", "drop_pt", "agreement", "val_drop_pt", "qat_s",
-                                        "export_s", "peak_mib"]))
+                                        "export_s", "peak_mib", "torch_agreement", "torch_max_diff"]))
                 save(args.out, {"machine": machine(), "results": results, "seconds": round(time.perf_counter() - t0)})
     print(f"\nwrote {save(args.out, {'machine': machine(), 'results': results, 'seconds': round(time.perf_counter() - t0)})}")
 

@@ -55,14 +55,17 @@ def val_x(default_run_64: Path) -> np.ndarray:
 def _reference(q: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """onnxruntime with graph optimisations off: the Q/DQ graph's own semantics (the optimised CPU session
     fuses Q/DQ into integer kernels whose requantization rounds differently again)."""
-    sess = ort.session(q, optimize=False)
-    return np.concatenate([sess.run(None, {"input": x[i:i + 100]})[0] for i in range(0, len(x), 100)])
+    return ort.logits(q, _batches(x), optimize=False)
+
+
+def _batches(x: np.ndarray) -> list[np.ndarray]:
+    return [x[i:i + 100] for i in range(0, len(x), 100)]
 
 
 def _torch(q: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     net = build(q)
     with torch.no_grad():
-        return np.concatenate([net(torch.from_numpy(x[i:i + 100])).numpy() for i in range(0, len(x), 100)])
+        return np.concatenate([net(torch.from_numpy(b)).numpy() for b in _batches(x)])
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -79,7 +82,7 @@ def test_the_fake_quant_network_computes_the_qdq_graph(ptq_run: Path, val_x: np.
     98.4% / 99.5%)."""
     q = onnx.load(str(ptq_run / FILES[f"int8-{form}"]))
     z, r = _torch(q, val_x), _reference(q, val_x)
-    opt = ort.logits(q, [val_x[i:i + 100] for i in range(0, len(val_x), 100)])
+    opt = ort.logits(q, _batches(val_x))
     assert _agreement(z, r) >= min(0.98, _agreement(opt, r) - 0.005), (_agreement(z, r), _agreement(opt, r))
     # one-step flips are rare and small: INT8 against FP32 differs ~5x more than this
     assert np.abs(z - r).mean() < 0.05 and np.abs(z - r).max() < 1.0, (np.abs(z - r).mean(), np.abs(z - r).max())
