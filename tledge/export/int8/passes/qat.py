@@ -427,17 +427,24 @@ class Qat:
             batch_idx = [fit[(i * b + np.arange(b)) % len(fit)] for i in range(cfg.qat_steps)]
             per_step = expected_seconds(net, torch.from_numpy(x_all[batch_idx[0]]).to(dev),
                                         torch.from_numpy(teacher[batch_idx[0]]).to(dev), make_opt, teacher_net)
-            note(f"QAT ({state.form}, {dev.type}): {cfg.qat_steps} steps of batch {b} on {len(fit)} training images "
-                 f"({n_hold} held out for early stopping); expected about {per_step * cfg.qat_steps / 60:.1f} min here")
+            t_check = time.perf_counter()
             loss0, agree0 = held_out()
+            per_check = time.perf_counter() - t_check
+            every = max(1, cfg.qat_steps // 10)
+            n_checks = cfg.qat_steps // every + (cfg.qat_steps % every != 0)
+            expected = per_step * cfg.qat_steps + per_check * n_checks
+            note(f"QAT ({state.form}, {dev.type}): {cfg.qat_steps} steps of batch {b} on {len(fit)} training images "
+                 f"({n_hold} held out for early stopping, checked {n_checks} times); expected about "
+                 f"{expected / 60:.1f} min here (at most: early stopping may end it sooner)")
             best = {"step": 0, "loss": loss0, "agreement": agree0,
                     "state": {k: v.detach().clone() for k, v in net.state_dict().items()}}
             history = [{"step": 0, "held_out_kl": loss0, "held_out_agreement": agree0}]
-            every = max(1, cfg.qat_steps // 10)
             bad = 0
+            spent = {"steps_s": 0.0, "checks_s": per_check}   # for the record only: no decision reads them
             with progress() as prog:
                 task = prog.add_task(f"QAT ({state.form})", total=cfg.qat_steps, info="")
                 for step, idx in enumerate(batch_idx, 1):
+                    t_step = time.perf_counter()
                     xb, tb = torch.from_numpy(x_all[idx]).to(dev), torch.from_numpy(teacher[idx]).to(dev)
                     if teacher_net is not None:  # mixup: images between two classes, where the decisions are made
                         xb, tb = mixed(xb)
@@ -445,10 +452,13 @@ class Qat:
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    spent["steps_s"] += time.perf_counter() - t_step
                     prog.advance(task, 1)
                     maybe_interrupt(f"qat:{step}")
                     if step % every == 0 or step == cfg.qat_steps:
+                        t_check = time.perf_counter()
                         hl, ha = held_out()
+                        spent["checks_s"] += time.perf_counter() - t_check
                         history.append({"step": step, "held_out_kl": hl, "held_out_agreement": ha})
                         if hl < best["loss"]:
                             best = {"step": step, "loss": hl, "agreement": ha,
@@ -470,4 +480,5 @@ class Qat:
                           f"distilled from FP32 logits on {len(fit)} training images, {n_hold} held out",
                           details={"history": history, "best_step": best["step"], "steps_run": history[-1]["step"],
                                    "scales": cfg.qat_scales, "lr": cfg.qat_lr, "batch": b, "device": dev.type,
-                                   "expected_s_per_step": round(per_step, 3)})
+                                   "expected_s_per_step": round(per_step, 3), "expected_s": round(expected, 1),
+                                   "steps_s": round(spent["steps_s"], 1), "checks_s": round(spent["checks_s"], 1)})
