@@ -11,7 +11,8 @@ quantization sits exactly where the exported graph quantizes, with its signednes
 Training starts from the PTQ recipe (calibrated ranges, learned rounding when present: the starting weights
 are the dequantized INT8 weights, so step 0 is the PTQ graph exactly), distils from the FP32 graph's logits on
 training images (never val), and keeps the weights with the lowest distillation loss on held-out training
-images (early stopping). Activation scales are learned by default, LSQ-style (``--qat-scales fixed`` keeps the calibrated ones).
+images (early stopping). Activation scales are learned by default, LSQ-style (``--qat-scales fixed`` keeps the
+calibrated ones).
 The result is a new FormState: float weights and biases whose nearest rounding is what was trained, plus the
 learned activation scales; the gate and the writer then treat it like any other recipe. torch runs on a
 fixed context.TORCH_THREADS threads here, whatever --threads says or the machine has: a fixed partition of every
