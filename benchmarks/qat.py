@@ -2,7 +2,7 @@
 10,000 Fashion-MNIST test images no step sees.
 
 Per backbone and size, in one run: tune the embedded default, then `tledge export RUN --int8` (the default PTQ
-plan), `--int8 --qat` (fixed calibrated scales) and `--int8 --qat --qat-scales learned`, each export in its
+plan) and `--int8 --qat --qat-scales S` for each S of --scales (fixed: the calibrated scales; learned), each export in its
 own process (its wall time and peak memory measured from outside); for every INT8 graph, both forms, the
 top-1 drop against PyTorch and the top-1 agreement with FP32 on the test images, and the QAT pass's own
 seconds per form. For the QAT graphs also how closely onnxruntime (the session bench uses) computes what the

@@ -127,7 +127,7 @@ def test_qat_brings_the_int8_logits_closer_to_fp32(ptq_run: Path, qat_run: Path,
         # and measured here, on val images no step trained on
         mse = {}
         for name, run in (("ptq", ptq_run), ("qat", qat_run)):
-            z = ort.logits(onnx.load(str(run / FILES[f"int8-{form}"])), [val_x[i:i + 100] for i in range(0, 400, 100)])
+            z = ort.logits(onnx.load(str(run / FILES[f"int8-{form}"])), _batches(val_x))
             mse[name] = float(((z - fp32) ** 2).mean())
         assert mse["qat"] < mse["ptq"], (form, mse)
 
