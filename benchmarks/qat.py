@@ -5,8 +5,9 @@ Per backbone and size, in one run: tune the embedded default, then `tledge expor
 plan) and `--int8 --qat --qat-scales S` for each S of --scales (fixed: the calibrated scales; learned), each export in its
 own process (its wall time and peak memory measured from outside); for every INT8 graph, both forms, the
 top-1 drop against PyTorch and the top-1 agreement with FP32 on the test images, and the QAT pass's own
-seconds per form. For the QAT graphs also how closely onnxruntime (the session bench uses) computes what the
-torch fake-quant network trained: top-1 agreement and max |logit diff| on the first 2,000 test images.
+seconds per form. For every INT8 graph also how closely onnxruntime (the session bench uses) computes what the
+torch fake-quant network computes (torch_match): end to end on the first 2,000 test images, against the
+agreement of onnxruntime's optimised and reference sessions of the same graph (ort_floor), and node by node.
 
 Usage: python benchmarks/qat.py [--backbones mobilenet_v2,efficientnet_lite0] [--sizes 112] [--steps 300]
         [--scales fixed,learned] [--out qat]
@@ -28,23 +29,33 @@ from _common import PY, machine, make_testset, run_child, save, table, test_metr
 
 def torch_match(path: Path, ev, n: int = 2000) -> dict:
     """The torch fake-quant network of the exported Q/DQ graph (the network QAT trained, weights exactly: see
-    tests/integration/test_qat.py) against onnxruntime's optimised CPU session on ``n`` test images."""
+    tests/integration/test_qat.py) against onnxruntime on ``n`` test images, end to end and node by node:
+    - torch_agreement / torch_max_diff / torch_mean_diff: top-1 agreement and |logit diff| against onnxruntime's
+      optimised CPU session (what tledge bench runs);
+    - ort_floor: onnxruntime's optimised session against its own reference execution (optimisations off) of the
+      same graph, the agreement two correct executions of one INT8 graph reach;
+    - node_differing: node by node (qat.node_check, 32 images), the fraction of quantized values that differ."""
     import numpy as np
     import onnx
     import torch
 
     from tledge.export import ort
     from tledge.export.int8.context import torch_threads
-    from tledge.export.int8.passes.qat import build
+    from tledge.export.int8.passes.qat import build, node_check
     x = ev.first(n)
     q = onnx.load(str(path))
     batches = [x[i:i + 100] for i in range(0, len(x), 100)]
     with torch_threads(), torch.no_grad():
         net = build(q)
         z = np.concatenate([net(torch.from_numpy(b)).numpy() for b in batches])
+        nodes = node_check(q, x[:32], net)
     r = ort.logits(q, batches)
+    r0 = ort.logits(q, batches, optimize=False)
     return {"torch_agreement": float((z.argmax(1) == r.argmax(1)).mean()),
-            "torch_max_diff": float(np.abs(z - r).max()), "torch_mean_diff": float(np.abs(z - r).mean())}
+            "torch_max_diff": float(np.abs(z - r).max()), "torch_mean_diff": float(np.abs(z - r).mean()),
+            "torch_ref_agreement": float((z.argmax(1) == r0.argmax(1)).mean()),
+            "ort_floor": float((r.argmax(1) == r0.argmax(1)).mean()),
+            "node_differing": nodes["differing"] / max(1, nodes["elements"]), "node_max_steps": nodes["max_steps"]}
 
 
 def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, tmp: Path, done: list,
@@ -68,7 +79,7 @@ def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, t
                          "kept_float": {f: g["kept_float"] for f, g in m["int8"]["gate"].items()}}
         for form in ("tensorrt", "cpu"):
             f = run / f"model.int8.{'trt' if form == 'tensorrt' else 'cpu'}.onnx"
-            match = torch_match(f, ev) if extra else {}
+            match = torch_match(f, ev)
             rows.append({"config": label, "form": form, **test_metrics(f, ev, ref), **match,
                          "val_drop_pt": m["checks"][f"int8-{form}"]["final"]["drop_points"],
                          "qat_s": qat_s.get(form), "export_s": round(child["wall_s"], 1),
@@ -105,7 +116,8 @@ def main() -> None:
                 results.append(r)
                 print(f"\n== {name} @ {size}px, {r['test_images']} test images: PyTorch FP32 top-1 {r['torch_top1']:.4f}")
                 print(table(r["rows"], ["config", "form", "top1", "drop_pt", "agreement", "val_drop_pt", "qat_s",
-                                        "export_s", "peak_mib", "torch_agreement", "torch_max_diff"]))
+                                        "export_s", "peak_mib", "torch_agreement", "torch_max_diff", "ort_floor",
+                                        "node_differing"]))
                 save(args.out, {"machine": machine(), "results": results, "seconds": round(time.perf_counter() - t0)})
     print(f"\nwrote {save(args.out, {'machine': machine(), 'results': results, 'seconds': round(time.perf_counter() - t0)})}")
 

@@ -158,11 +158,14 @@ def build(q: Any, learn_scales: bool = False) -> Any:
             self.consts = {k: v.to(device) for k, v in self.consts.items()}
             return self
 
-        def forward(self, x: Any, trace: dict[str, Any] | None = None) -> Any:
-            """The graph's output; with ``trace``, every tensor computed is also stored there by name."""
+        def forward(self, x: Any, trace: dict[str, Any] | None = None, given: dict[str, Any] | None = None) -> Any:
+            """The graph's output; with ``trace``, every tensor computed is also stored there by name. With
+            ``given`` (tensors by name, e.g. another runtime's), every node reads its inputs from ``given`` where it
+            holds them, not from what this network computed: a node-by-node comparison (node_check)."""
             import torch.nn.functional as F
             env: dict[str, Any] = {q.graph.input[0].name: x} if trace is None else trace
             env[q.graph.input[0].name] = x
+            src = env if given is None else {**env, **given}
             for key, n in self.steps:
                 op = n.op_type
                 if op == "DequantizeLinear":
@@ -170,7 +173,9 @@ def build(q: Any, learn_scales: bool = False) -> Any:
                         continue
                     env[n.output[0]] = env[n.input[0]]  # the fake quantizer already dequantized
                     continue
-                ins = [env[i] if i in env else self.consts.get(i) for i in n.input]
+                if given is not None:
+                    src.update({o: env[o] for o in n.input if o in env and o not in given})
+                ins = [src[i] if i in src else self.consts.get(i) for i in n.input]
                 if op == "QuantizeLinear":
                     zp, lo, hi = self.qparams[key]
                     y = fake_quant(ins[0], self.s[key], zp, lo, hi)
@@ -248,6 +253,50 @@ def build(q: Any, learn_scales: bool = False) -> Any:
             return env[q.graph.output[0].name]
 
     return Net()
+
+
+def node_check(q: Any, x: np.ndarray, net: Any = None) -> dict[str, Any]:
+    """Node by node, the torch network of ``q`` (``build(q)`` unless given) against onnxruntime's reference
+    execution of ``q`` (graph optimisations off: every Q/DQ pair as written): each node of the torch network reads
+    onnxruntime's values of its inputs, and every activation quantizer's integer output is compared with
+    onnxruntime's. This separates what each node computes from how rounding differences grow through the network:
+    end to end, a one-step flip anywhere (a float sum in another order) is carried on and grows, so two correct
+    executions of one INT8 graph disagree on a few percent of top-1 (onnxruntime's own optimised and reference
+    sessions among them; see benchmarks/qat.py).
+
+    Returns ``{"elements", "differing", "max_steps", "worst": (node, fraction)}``: how many quantized values were
+    compared, how many differ, by at most how many quantization steps, and the quantizer with the largest
+    fraction differing."""
+    import torch
+
+    from tledge.export import ort
+    inits = {i.name for i in q.graph.initializer}
+    names = [o for n in q.graph.node for o in n.output if o]
+    sess, inp = ort.probe_session(q, names, optimize=False)
+    outs = sess.run(None, {inp: x})
+    ref = {o.name: v for o, v in zip(sess.get_outputs(), outs)}
+    net = build(q) if net is None else net
+    given = {k: torch.from_numpy(np.asarray(v)) for k, v in ref.items()}
+    trace: dict[str, Any] = {}
+    with torch.no_grad():
+        net(torch.from_numpy(x), trace=trace, given=given)
+    elements = differing = max_steps = 0
+    worst = ("", 0.0)
+    for key, n in net.steps:
+        if n.op_type != "QuantizeLinear" or n.input[0] in inits:
+            continue
+        zp = net.qparams[key][0]
+        s = float(net.s[key].detach().cpu())
+        mine = np.round(trace[n.output[0]].cpu().numpy() / s).astype(np.int64)  # dequantized: (q - zp) * s
+        theirs = ref[n.output[0]].astype(np.int64) - zp
+        d = np.abs(mine - theirs)
+        elements += d.size
+        differing += int((d > 0).sum())
+        max_steps = max(max_steps, int(d.max()))
+        frac = float((d > 0).mean())
+        if frac > worst[1]:
+            worst = (n.name, frac)
+    return {"elements": elements, "differing": differing, "max_steps": max_steps, "worst": worst}
 
 
 def shape_op(n: Any, ins: list[Any]) -> Any:
