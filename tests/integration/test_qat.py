@@ -77,9 +77,9 @@ def test_the_fake_quant_network_computes_the_qdq_graph(ptq_run: Path, val_x: np.
     """The torch network built from the Q/DQ graph computes that graph: as close to onnxruntime's reference
     execution as onnxruntime's own optimised (integer-kernel) execution is. Exact equality is not possible:
     a float sum in another order moves a value across a rounding boundary now and then, and the INT8 network
-    carries the one-step change on (measured at 64 px on 1,000 val images: torch against the reference
-    99.3% / 98.9% top-1 agreement for the two forms, the reference against onnxruntime's optimised session
-    98.4% / 99.5%)."""
+    carries the one-step change on (measured at 64 px on 1,000 val images, quantizers with ONNX's division:
+    torch against the reference 99.2% / 99.2% top-1 agreement for the two forms, the reference against
+    onnxruntime's optimised session 97.8% / 99.5%; after QAT 99.3% / 99.8% and 97.9% / 99.7%)."""
     q = onnx.load(str(ptq_run / FILES[f"int8-{form}"]))
     z, r = _torch(q, val_x), _reference(q, val_x)
     opt = ort.logits(q, _batches(val_x))
@@ -91,15 +91,17 @@ def test_the_fake_quant_network_computes_the_qdq_graph(ptq_run: Path, val_x: np.
 @pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
 def test_node_by_node_the_fake_quant_network_is_the_qdq_graph(ptq_run: Path, qat_run: Path, val_x: np.ndarray,
                                                               form: str) -> None:
-    """Each node fed onnxruntime's own inputs gives onnxruntime's quantized output: what is left are one-step
-    flips at rounding ties (measured at 112 px on 50 val images: 12 and 20 of ~89 million values), where end to
-    end the same two executions disagree on ~1-3% of top-1 because each flip is carried on and grows."""
+    """Each node fed onnxruntime's own inputs gives onnxruntime's quantized output (measured at 64 px on 32 val
+    images: 0 of 18 million values differ in either form, before or after QAT; a float sum in another order may
+    still flip one at a near-tie now and then, hence the allowance). End to end the same two executions disagree
+    on ~1-3% of top-1, as onnxruntime's own optimised and reference sessions do: each flip is carried on and
+    grows."""
     x = val_x[:32]
     for run in (ptq_run, qat_run):  # calibrated scales, and QAT's learned ones
         q = onnx.load(str(run / FILES[f"int8-{form}"]))
         r = node_check(q, x)
         assert r["elements"] > 10_000_000  # every activation quantizer of the network was compared
-        assert r["differing"] <= 1e-5 * r["elements"] and r["max_steps"] <= 1, r
+        assert r["differing"] <= 1e-6 * r["elements"] and r["max_steps"] <= 1, r
     # the check can fail: one quantizer's scale 1% off in the torch network is seen at once
     net = build(q)
     key = next(k for k, n in net.steps if n.op_type == "QuantizeLinear" and n.input[0] != q.graph.input[0].name)
