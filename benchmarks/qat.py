@@ -26,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PY, machine, make_testset, run_child, save, table, test_metrics, tuned_reference  # noqa: E402
 
+from tledge.perf import release_memory, tune_allocator  # noqa: E402
+
 
 def torch_match(path: Path, ev, n: int = 2000) -> dict:
     """The torch fake-quant network of the exported Q/DQ graph (the network QAT trained, weights exactly: see
@@ -80,6 +82,7 @@ def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, t
         for form in ("tensorrt", "cpu"):
             f = run / f"model.int8.{'trt' if form == 'tensorrt' else 'cpu'}.onnx"
             match = torch_match(f, ev)
+            release_memory()  # its ~10 GB at 224 px would otherwise stay resident beside the next export child
             rows.append({"config": label, "form": form, **test_metrics(f, ev, ref), **match,
                          "val_drop_pt": m["checks"][f"int8-{form}"]["final"]["drop_points"],
                          "qat_s": qat_s.get(form), "export_s": round(child["wall_s"], 1),
@@ -103,7 +106,6 @@ def main() -> None:
     args = ap.parse_args()
     import os
     os.environ.setdefault("TLEDGE_PROGRESS", "0")
-    from tledge.perf import tune_allocator
     tune_allocator()
     results = []
     t0 = time.perf_counter()
