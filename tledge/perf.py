@@ -44,9 +44,15 @@ def release_memory() -> bool:
     freed blocks stay in the heap, so a process that is done with a large working set and goes on to wait, e.g.
     for a child process, keeps it resident (seen: benchmarks/qat.py at 12 GB while its 9 GB export child ran; 2 GB
     after a trim). Returns whether a trim ran."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, loaded; None on other platforms or where it cannot be loaded."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None

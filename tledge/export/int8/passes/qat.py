@@ -171,7 +171,6 @@ def build(q: Any, learn_scales: bool = False) -> Any:
             import torch.nn.functional as F
             env: dict[str, Any] = {q.graph.input[0].name: x} if trace is None else trace
             env[q.graph.input[0].name] = x
-            src = env if given is None else {**env, **given}
             for key, n in self.steps:
                 op = n.op_type
                 if op == "DequantizeLinear":
@@ -179,9 +178,8 @@ def build(q: Any, learn_scales: bool = False) -> Any:
                         continue
                     env[n.output[0]] = env[n.input[0]]  # the fake quantizer already dequantized
                     continue
-                if given is not None:
-                    src.update({o: env[o] for o in n.input if o in env and o not in given})
-                ins = [src[i] if i in src else self.consts.get(i) for i in n.input]
+                ins = [given[i] if given is not None and i in given else env[i] if i in env else self.consts.get(i)
+                       for i in n.input]
                 if op == "QuantizeLinear":
                     zp, lo, hi = self.qparams[key]
                     y = fake_quant(ins[0], self.s[key], zp, lo, hi)
