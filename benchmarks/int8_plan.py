@@ -4,16 +4,17 @@ mobilenet_v2 and efficientnet_lite0, judged on the 10,000 Fashion-MNIST test ima
 Per backbone and size, in one process and one run (side by side, so machine noise hits all alike):
   - plain onnxruntime `quantize_static` of both forms on the same 260 shipped calibration images
     (quant_pre_process + QDQ per-channel; MinMax, its default, and Percentile), wall time per form;
-  - `run_export(--int8)` with the default plan (cheap recipe; expensive passes only when a form misses
-    the target agreement on the judge images), wall time, time per stage and per pass, the decisions;
-  - the same with --escalate on (learned rounding and auto bias correction always on: the previous
-    default's techniques), and with --refit-distill 1 (the head refit distilled from the FP32 logits instead
-    of trained on the labels);
+  - `run_export(--int8)` for each of --configs (CONFIGS), wall time, time per stage and per pass, the
+    decisions: `default` is the default plan (cheap recipe; expensive passes only when a form misses the
+    target agreement on the judge images); the others are other recipes: --escalate on (learned rounding and auto
+    bias correction always on: the previous default's techniques), --refit-distill 1 (the head refit
+    distilled from the FP32 logits instead of trained on the labels), --escalate off, without the head refit,
+    with empirical bias correction in the cheap recipe;
   - every INT8 graph's top-1 drop against PyTorch and top-1 agreement with FP32 on the 10,000 test images.
 The run's own val split (the embedded 1,000 images) drives the gate, as in `tledge export`.
 
 Usage: python benchmarks/int8_plan.py [--backbones mobilenet_v2,efficientnet_lite0] [--sizes 224,112]
-       [--configs default,escalate,distill] [--out int8_plan]
+       [--configs default,escalate,distill] [--qs MinMax,Percentile] [--out int8_plan]
 Writes benchmarks/results/int8_plan.json.
 """
 from __future__ import annotations
@@ -61,13 +62,22 @@ def quantize_static_both(fp32_path: Path, calib_x: np.ndarray, tmp: Path, method
     return out
 
 
-CONFIGS = (("tledge default plan", "auto", 0.0), ("all passes on (--escalate on)", "on", 0.0),
-           ("refit distilled (--refit-distill 1)", "auto", 1.0))
-CONFIG_KEYS = {"tledge default plan": "default", "all passes on (--escalate on)": "escalate",
-               "refit distilled (--refit-distill 1)": "distill"}
+# key -> (label, Int8Config overrides), run as --configs lists them.
+CONFIGS: dict[str, tuple[str, dict]] = {
+    "default": ("tledge default plan", {}),
+    "escalate": ("all passes on (--escalate on)", {"escalate": "on"}),
+    "distill": ("refit distilled (--refit-distill 1)", {"refit_distill": 1.0}),
+    "cheap": ("cheap recipe only (--escalate off)", {"escalate": "off"}),
+    "norefit": ("no head refit (--no-head-refit)", {"head_refit": False}),
+    "norefit-cheap": ("no head refit, --escalate off", {"head_refit": False, "escalate": "off"}),
+    "norefit-empirical": ("no head refit, --bias-correction empirical, --escalate off",
+                          {"head_refit": False, "bias_correction": "empirical", "escalate": "off"}),
+    "refit-empirical": ("head refit, --bias-correction empirical, --escalate off",
+                        {"bias_correction": "empirical", "escalate": "off"}),
+}
 
 
-def bench(name: str, size: int, test_dir: Path, tmp: Path, configs: set[str]) -> dict:
+def bench(name: str, size: int, test_dir: Path, tmp: Path, configs: list[str], qs_methods: list[str]) -> dict:
     from tledge import card as card_mod
     from tledge.export.config import ExportConfig, GateConfig, Int8Config
     from tledge.export.pipeline import run_export
@@ -76,11 +86,12 @@ def bench(name: str, size: int, test_dir: Path, tmp: Path, configs: set[str]) ->
     pre = card_mod.preprocess_of(card)
     torch_top1 = float((ref.argmax(1) == ev.labels).mean())
     rows, detail = [], {}
-    for label, escalate, distill in [c for c in CONFIGS if c[0] == "tledge default plan" or CONFIG_KEYS[c[0]] in configs]:
-        run = tmp / f"{base.name}-{escalate}-{distill}"
+    fp32_path = None
+    for key in configs:
+        label, overrides = CONFIGS[key]
+        run = tmp / f"{base.name}-{key}"
         shutil.copytree(base, run)
-        cfg = ExportConfig(int8=True, threads=2, gate=GateConfig(max_drop=1.0),
-                           quant=Int8Config(escalate=escalate, refit_distill=distill))
+        cfg = ExportConfig(int8=True, threads=2, gate=GateConfig(max_drop=1.0), quant=Int8Config(**overrides))
         t0 = time.perf_counter()
         m = run_export(run, cfg)
         wall = time.perf_counter() - t0
@@ -92,8 +103,7 @@ def bench(name: str, size: int, test_dir: Path, tmp: Path, configs: set[str]) ->
                          "forms": {f: {"check": r["check"], "kept": r["kept"]} for f, r in m["int8"]["forms"].items()},
                          "gate": {f: {k: g[k] for k in ("method", "rounding", "kept_float")}
                                   for f, g in m["int8"]["gate"].items()}}
-        if label == "tledge default plan":
-            fp32_path = run / "model.onnx"
+        fp32_path = fp32_path or run / "model.onnx"
         for form in ("tensorrt", "cpu"):
             rows.append({"config": label, "form": form, "export_s": wall,
                          **test_metrics(str(run / f"model.int8.{'trt' if form == 'tensorrt' else 'cpu'}.onnx"), ev, ref),
@@ -103,14 +113,14 @@ def bench(name: str, size: int, test_dir: Path, tmp: Path, configs: set[str]) ->
     calib_files = sorted((ROOT / "calibration/fashion-mnist").rglob("*.png"))
     calib_x = np.stack([pre(f) for f in calib_files])
     qs = {}
-    for method in ("MinMax", "Percentile"):
+    for method in qs_methods:
         qs[method] = quantize_static_both(fp32_path, calib_x, tmp, method)
         for form, f in qs[method]["forms"].items():
             rows.append({"config": f"quantize_static {method}", "form": form, "export_s": qs[method]["seconds"],
                          **test_metrics(f["path"], ev, ref)})
     ev.close()
-    ratios = {f"default / quantize_static {m}": detail["tledge default plan"]["wall_s"] / qs[m]["seconds"]
-              for m in qs}
+    ratios = {f"{CONFIGS[k][0]} / quantize_static {m}": detail[CONFIGS[k][0]]["wall_s"] / qs[m]["seconds"]
+              for k in configs for m in qs}
     return {"backbone": name, "size": size, "test_images": len(ref), "torch_top1": torch_top1, "rows": rows,
             "detail": detail, "quantize_static": qs, "ratios": ratios}
 
@@ -119,10 +129,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", default="mobilenet_v2,efficientnet_lite0")
     ap.add_argument("--sizes", default="224,112")
+    ap.add_argument("--qs", default="MinMax,Percentile", help="quantize_static calibrators to run beside tledge")
     ap.add_argument("--configs", default="default,escalate,distill",
-                    help="which tledge configurations besides the default plan (always run): escalate, distill")
+                    help="tledge configurations to run, of: " + ", ".join(CONFIGS))
     ap.add_argument("--out", default="int8_plan", help="results file name under benchmarks/results (no .json)")
     args = ap.parse_args()
+    unknown = [k for k in args.configs.split(",") if k not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown --configs {', '.join(unknown)}; choices: {', '.join(CONFIGS)}")
     from tledge.perf import tune_allocator
     tune_allocator()
     results = []
@@ -131,7 +145,7 @@ def main() -> None:
         test_dir = make_testset(tmp / "fashion-test10k")
         for size in (int(s) for s in args.sizes.split(",")):
             for name in args.backbones.split(","):
-                r = bench(name, size, test_dir, tmp, set(args.configs.split(",")))
+                r = bench(name, size, test_dir, tmp, args.configs.split(","), args.qs.split(","))
                 results.append(r)
                 print(f"\n== {name} @ {size}px, {r['test_images']} test images: PyTorch FP32 top-1 {r['torch_top1']:.4f}")
                 print(table(r["rows"], ["config", "form", "export_s", "top1", "drop_pt", "agreement", "val_drop_pt",

@@ -236,3 +236,38 @@ def test_int8_graphs_do_not_depend_on_threads(default_run_64: Path, tmp_path: Pa
         out[t] = ({f: hashlib.sha256((run / f).read_bytes()).hexdigest()
                    for f in ("model.int8.trt.onnx", "model.int8.cpu.onnx")}, decisions)
     assert out[1] == out[2]
+
+
+@pytest.mark.parametrize("form", ["cpu", "tensorrt"], ids=["cpu_form", "trt_form"])
+def test_learned_rounding_is_skipped_when_fp32_weights_cannot_reach_the_target(run: Path, form: str) -> None:
+    """The weight bound: the form's graph with activations quantized and every weight FP32 (learned rounding's
+    ideal: it reconstructs each layer's FP32 output). When it misses the target agreement, learned rounding
+    is not learned in --escalate auto, and is learned under --escalate on or when the bound reaches the
+    target."""
+    from tledge.export.int8.passes.adaround import LearnedRounding
+
+    ctx, *_ = _sabotaged(run, 2.0, shrink=1.0)
+    state = FormState(form, ctx.base, method="percentile")
+    fw = ctx.quantize(state, float_weights=True)
+    inits = {i.name for i in fw.graph.initializer}
+    assert not [n for n in fw.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len([n for n in fw.graph.node if n.op_type == "QuantizeLinear"]) > 40  # activations still INT8
+    base_w = {i.name: onnx.numpy_helper.to_array(i) for i in ctx.base.graph.initializer}
+    conv = next(n for n in fw.graph.node if n.op_type == "Conv")
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(next(i for i in fw.graph.initializer
+                                                                  if i.name == conv.input[1])), base_w[conv.input[1]])
+    bound = ctx.weight_bound(state)
+    assert bound != ctx.score(ctx.quantize(state)) and 0.0 < bound["mse"] and 0.0 < bound["agreement"] <= 1.0
+
+    small = {"adaround_iters": 5, "adaround_layers": 1, "adaround_images": 8}
+    ctx.cfg = export_cfg(escalate="auto", target_agreement=1.0, **small)
+    if bound["agreement"] < 1.0:
+        rec = LearnedRounding().run(state.copy(), ctx)
+        assert rec.decision == "not learned" and "below the 100% target" in rec.why
+        assert rec.scores["weights_fp32"] == bound and "adaround" not in ctx.cache
+    ctx.cfg = export_cfg(escalate="on", target_agreement=1.0, **small)
+    rec = LearnedRounding().run(state.copy(), ctx)
+    assert rec.decision != "not learned" and "adaround" in ctx.cache
+    ctx.cache.pop("adaround")
+    ctx.cfg = export_cfg(escalate="auto", target_agreement=min(bound["agreement"], 0.5), **small)
+    assert LearnedRounding().run(state.copy(), ctx).decision != "not learned" and "adaround" in ctx.cache

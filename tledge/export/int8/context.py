@@ -96,13 +96,20 @@ class Int8Context:
     def set_reference(self) -> None:
         self.judge_ref = self.logits(self.base)
 
-    def quantize(self, state: FormState, **changes: Any) -> Any:
+    def quantize(self, state: FormState, float_weights: bool = False, **changes: Any) -> Any:
         s = state.copy(**changes) if changes else state
         if self.stats is None:
             raise RuntimeError("calibration statistics are needed before quantizing")
         return quantize_model(s.model, self.stats, s.form, s.method, self.cfg.calib.percentile,
                               weight_overrides=s.rounding or None, exclude_tensors=set(s.float_tensors),
-                              act_overrides=s.act_qparams or None)
+                              act_overrides=s.act_qparams or None, float_weights=float_weights)
+
+    def weight_bound(self, state: FormState) -> dict[str, float]:
+        """``score`` of ``state`` with its activations quantized and every weight left in FP32: the best any
+        weight rounding (learned or not) can do for this recipe on the judge images."""
+        z = ort.logits(self.quantize(state, float_weights=True), self.judge_batches(), self.threads, optimize=False)
+        ref = self.judge_ref
+        return {"mse": float(np.mean((z - ref) ** 2)), "agreement": float((z.argmax(1) == ref.argmax(1)).mean())}
 
     def score(self, model: Any) -> dict[str, float]:
         """How far ``model``'s logits are from FP32 on the judge images: mean squared difference and top-1

@@ -171,12 +171,15 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
                    percentile: float = 99.99, exclude: frozenset[str] | set[str] = frozenset(),
                    weight_overrides: dict[str, np.ndarray] | None = None,
                    exclude_tensors: frozenset[str] | set[str] = frozenset(),
-                   act_overrides: dict[str, tuple[float, int]] | None = None) -> Any:
+                   act_overrides: dict[str, tuple[float, int]] | None = None, float_weights: bool = False) -> Any:
     """A Q/DQ copy of ``fp32`` in the given form. ``weight_overrides`` maps a weight initializer name to
     its already-rounded INT8 values (learned rounding); scales stay the per-channel max rule. Nodes in
     ``exclude`` stay float entirely; activation tensors in ``exclude_tensors`` get no quantizer (their
     consumers read them in float), which is what the accuracy gate keeps in float. ``act_overrides`` maps an
-    activation tensor to its (scale, zero-point) when they were learned (QAT with learned scales)."""
+    activation tensor to its (scale, zero-point) when they were learned (QAT with learned scales).
+    ``float_weights``: quantize the activations only (weights and biases stay FP32): what perfect weight
+    rounding could give at best. Run such a graph with onnxruntime's optimizations off: its
+    WeightBiasQuantization transformer re-quantizes float weights per tensor."""
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
@@ -212,7 +215,7 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
 
     # 2. weights (per-channel) and, for the CPU form, int32 bias
     for n in g.node:
-        if n.name not in qnodes or n.op_type not in WEIGHTED:
+        if float_weights or n.name not in qnodes or n.op_type not in WEIGHTED:
             continue
         wname = n.input[1]
         w = numpy_helper.to_array(inits[wname]).astype(np.float32)
