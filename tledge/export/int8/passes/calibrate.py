@@ -13,7 +13,7 @@ from tledge.export.int8.plan import PassRecord
 from tledge.export.int8.quantize import quantized_tensors
 from tledge.fsutil import sha256_json
 
-HISTOGRAM_VERSION = 2  # bump when TensorStats' binning changes: old caches then miss
+HISTOGRAM_VERSION = 3  # bump when TensorStats' binning changes: old caches then miss
 
 
 class Calibrate:
