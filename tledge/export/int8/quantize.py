@@ -177,8 +177,8 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
     ``exclude`` stay float entirely; activation tensors in ``exclude_tensors`` get no quantizer (their
     consumers read them in float), which is what the accuracy gate keeps in float. ``act_overrides`` maps an
     activation tensor to its (scale, zero-point) when they were learned (QAT with learned scales).
-    ``float_weights``: quantize the activations only (weights and biases stay FP32): what perfect weight
-    rounding could give at best. Run such a graph with onnxruntime's optimizations off: its
+    ``float_weights``: quantize the activations only (weights and biases stay FP32): learned rounding's
+    ideal, whose layer-by-layer target is the FP32 output. Run such a graph with onnxruntime's optimizations off: its
     WeightBiasQuantization transformer re-quantizes float weights per tensor."""
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
