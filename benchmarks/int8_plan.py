@@ -79,6 +79,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
 
 def bench(name: str, size: int, test_dir: Path, tmp: Path, configs: list[str], qs_methods: list[str]) -> dict:
     from tledge import card as card_mod
+    from tledge.errors import AccuracyError
     from tledge.export.config import ExportConfig, GateConfig, Int8Config
     from tledge.export.pipeline import run_export
 
@@ -93,7 +94,13 @@ def bench(name: str, size: int, test_dir: Path, tmp: Path, configs: list[str], q
         shutil.copytree(base, run)
         cfg = ExportConfig(int8=True, threads=2, gate=GateConfig(max_drop=1.0), quant=Int8Config(**overrides))
         t0 = time.perf_counter()
-        m = run_export(run, cfg)
+        try:
+            m = run_export(run, cfg)
+        except AccuracyError as e:  # the gate refused this recipe: a result, not the end of the run
+            detail[label] = {"wall_s": time.perf_counter() - t0, "failed": e.what}
+            rows.append({"config": label, "form": "both", "export_s": detail[label]["wall_s"], "failed": e.what[:80]})
+            print(f"{label}: export failed: {e.what}", flush=True)
+            continue
         wall = time.perf_counter() - t0
         passes = [(r["scope"], r["name"], r["seconds"]) for r in m["int8"]["graph"]]
         for form, rec in m["int8"]["forms"].items():
@@ -120,7 +127,7 @@ def bench(name: str, size: int, test_dir: Path, tmp: Path, configs: list[str], q
                          **test_metrics(f["path"], ev, ref)})
     ev.close()
     ratios = {f"{CONFIGS[k][0]} / quantize_static {m}": detail[CONFIGS[k][0]]["wall_s"] / qs[m]["seconds"]
-              for k in configs for m in qs}
+              for k in configs for m in qs if "failed" not in detail[CONFIGS[k][0]]}
     return {"backbone": name, "size": size, "test_images": len(ref), "torch_top1": torch_top1, "rows": rows,
             "detail": detail, "quantize_static": qs, "ratios": ratios}
 
@@ -151,6 +158,9 @@ def main() -> None:
                 print(table(r["rows"], ["config", "form", "export_s", "top1", "drop_pt", "agreement", "val_drop_pt",
                                         "escalated", "kept"]))
                 for label, d in r["detail"].items():
+                    if "failed" in d:
+                        print(f"{label}: failed after {d['wall_s']:.1f} s: {d['failed']}")
+                        continue
                     print(f"{label}: wall {d['wall_s']:.1f} s; stages " + ", ".join(
                         f"{k} {v:.1f} s" for k, v in d["stages_s"].items()))
                     print("  passes: " + ", ".join(f"{s}/{n} {sec:.1f}" for s, n, sec in d["passes_s"]))
