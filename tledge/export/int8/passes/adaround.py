@@ -247,10 +247,10 @@ class LearnedRounding:
             bound = ctx.weight_bound(state)
             if bound["agreement"] < q.target_agreement:
                 return PassRecord(self.name, state.form, "not learned",
-                                  f"with every weight in FP32 (activations INT8) the judge images agree with FP32 on "
-                                  f"{bound['agreement']:.1%}, below the {q.target_agreement:.0%} target: learned rounding, "
-                                  "whose ideal is the FP32 weights, would not reach it on its own (--escalate on learns it "
-                                  "anyway)",
+                                  f"with every weight in FP32 (activations INT8) the judge images agree with FP32 "
+                                  f"on {bound['agreement']:.1%}, below the {q.target_agreement:.0%} target: "
+                                  "learned rounding, whose ideal is the FP32 weights, would not reach it on its "
+                                  "own (--escalate on learns it anyway)",
                                   scores={"weights_fp32": bound})
         if "adaround" not in ctx.cache:  # learned once on the shared FP32 graph; each form judges it
             fit = ctx.fit[:q.adaround_images]
