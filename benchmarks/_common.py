@@ -51,6 +51,16 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def pass_times(manifest: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """(scope, pass, seconds) of every INT8 pass an export's manifest records, graph passes first, then each
+    form's cheap and expensive recipes."""
+    out = [(r["scope"], r["name"], r["seconds"]) for r in manifest["int8"]["graph"]]
+    for form, rec in manifest["int8"]["forms"].items():
+        for stage in ("cheap", "expensive"):
+            out += [(f"{form}/{stage}", r["name"], r["seconds"]) for r in rec.get(stage, [])]
+    return out
+
+
 def table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
     cells = [[str(c) for c in cols]] + [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, make_testset, save, table, test_metrics, tuned_reference  # noqa: E402
+from _common import ROOT, machine, make_testset, pass_times, save, table, test_metrics, tuned_reference  # noqa: E402
 
 
 def quantize_static_both(fp32_path: Path, calib_x: np.ndarray, tmp: Path, method: str) -> dict:
@@ -102,11 +102,7 @@ def bench(name: str, size: int, test_dir: Path, tmp: Path, configs: list[str], q
             print(f"{label}: export failed: {e.what}", flush=True)
             continue
         wall = time.perf_counter() - t0
-        passes = [(r["scope"], r["name"], r["seconds"]) for r in m["int8"]["graph"]]
-        for form, rec in m["int8"]["forms"].items():
-            for stage in ("cheap", "expensive"):
-                passes += [(f"{form}/{stage}", r["name"], r["seconds"]) for r in rec.get(stage, [])]
-        detail[label] = {"wall_s": wall, "stages_s": m["seconds_per_stage"], "passes_s": passes,
+        detail[label] = {"wall_s": wall, "stages_s": m["seconds_per_stage"], "passes_s": pass_times(m),
                          "forms": {f: {"check": r["check"], "kept": r["kept"]} for f, r in m["int8"]["forms"].items()},
                          "gate": {f: {k: g[k] for k in ("method", "rounding", "kept_float")}
                                   for f, g in m["int8"]["gate"].items()}}

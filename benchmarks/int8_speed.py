@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, save, table  # noqa: E402
+from _common import ROOT, machine, pass_times, save, table  # noqa: E402
 from int8_plan import quantize_static_both  # noqa: E402
 
 
@@ -63,13 +63,10 @@ def main() -> None:
             m = run_export(run, ExportConfig(int8=True))
             export_s = time.perf_counter() - t0
             qs = quantize_static_both(run / "model.onnx", calib_x, tmp, "MinMax")
+            stages = {f"stage_{k}": v for k, v in m["seconds_per_stage"].items()}
             rows.append({"repeat": i, "export_s": export_s, "quantize_static_s": qs["seconds"],
-                         "ratio": export_s / qs["seconds"], **{f"stage_{k}": v for k, v in m["seconds_per_stage"].items()}})
-            recs = [(r["scope"], r["name"], r["seconds"]) for r in m["int8"]["graph"]]
-            for form, rec in m["int8"]["forms"].items():
-                for stage in ("cheap", "expensive"):
-                    recs += [(f"{form}/{stage}", r["name"], r["seconds"]) for r in rec.get(stage, [])]
-            passes.append(recs)
+                         "ratio": export_s / qs["seconds"], **stages})
+            passes.append(pass_times(m))
             print(table([rows[-1]], list(rows[-1])), flush=True)
     med = {k: statistics.median(r[k] for r in rows) for k in ("export_s", "quantize_static_s")}
     summary = {"export_s": med["export_s"], "quantize_static_s": med["quantize_static_s"],

@@ -3,9 +3,9 @@
 Statistics are collected in one pass with onnxruntime (every calibrated tensor made a graph output),
 batch by batch: per tensor a running min/max and two 2048-bin histograms (positive values and
 magnitudes of negative values, counted by torch.histc) over [0, hmax]. When a batch exceeds hmax, the
-range doubles and bins merge pairwise, which is exact. Memory is bins x tensors plus one batch of activations, whatever the
-number of images (onnxruntime's own entropy calibrator keeps every activation and was seen to need
-over 24 GB for ResNet-50 with 256 images).
+range doubles and bins merge pairwise, which is exact. Memory is bins x tensors plus one batch of
+activations, whatever the number of images (onnxruntime's own entropy calibrator keeps every activation
+and was seen to need over 24 GB for ResNet-50 with 256 images).
 
 Range rules (per tensor):
 - ``minmax``: the observed range.

@@ -108,14 +108,13 @@ class Int8Context:
         """``score`` of ``state`` with its activations quantized and every weight left in FP32: learned
         rounding's ideal (it reconstructs each layer's FP32 output), run with onnxruntime's optimizations off.
         Not a bound on every rounding: at 64 px, nearest rounding's TensorRT form came closer to FP32 than it."""
-        z = ort.logits(self.quantize(state, float_weights=True), self.judge_batches(), self.threads, optimize=False)
-        ref = self.judge_ref
-        return {"mse": float(np.mean((z - ref) ** 2)), "agreement": float((z.argmax(1) == ref.argmax(1)).mean())}
+        return self.score(self.quantize(state, float_weights=True), optimize=False)
 
-    def score(self, model: Any) -> dict[str, float]:
+    def score(self, model: Any, optimize: bool = True) -> dict[str, float]:
         """How far ``model``'s logits are from FP32 on the judge images: mean squared difference and top-1
-        agreement (the one measure every pass and the plan decide by)."""
-        z = self.logits(model)
+        agreement (the one measure every pass and the plan decide by). ``optimize=False``: onnxruntime runs
+        the graph as written (for graphs its optimizations would change, e.g. float weights)."""
+        z = ort.logits(model, self.judge_batches(), self.threads, optimize=optimize)
         ref = self.judge_ref
         return {"mse": float(np.mean((z - ref) ** 2)), "agreement": float((z.argmax(1) == ref.argmax(1)).mean())}
 
