@@ -156,16 +156,17 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @click.option("--bias-correction", "bias_correction_mode", type=click.Choice(["auto", "analytic", "empirical", "off"]),
               default="auto", show_default=True,
               help="INT8: analytic (weight rounding only), empirical (measured on calibration images, per form), "
-                   "or auto: analytic, and when the plan escalates whichever is closer to FP32 on the judge images.")
+                   "or auto: both, and the one closer to FP32 on the judge images is kept.")
 @click.option("--no-head-refit", is_flag=True, help="INT8: keep the FP32 head instead of re-fitting it on INT8 features.")
 @click.option("--refit-count", type=click.IntRange(1), default=2000, show_default=True,
               help="INT8 head refit: training images used (stratified).")
-@click.option("--refit-distill", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@click.option("--refit-distill", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="INT8 head refit: weight of distillation from the FP32 logits (the rest: the labels). 1 makes "
-                   "the INT8 model follow the FP32 one more closely (higher agreement) at some top-1; the export "
-                   "also reports the drop against an FP32 model given the same refit (quantization alone).")
+                   "the INT8 model follow the FP32 one (agreement); 0 trains the head further on the labels, which "
+                   "can raise top-1 past FP32's; the export also reports the drop against an FP32 model given the "
+                   "same refit (quantization alone).")
 @click.option("--escalate", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="INT8: run the expensive passes (learned rounding, empirical bias correction) when the cheap "
+              help="INT8: run the expensive passes (learned rounding, then the cheap passes on it) when the cheap "
                    "recipe misses --target-agreement (auto), always (on) or never (off).")
 @click.option("--target-agreement", type=click.FloatRange(0, 1, min_open=True), default=0.96, show_default=True,
               help="INT8: top-1 agreement with FP32 on held-out calibration images the cheap recipe must reach.")

@@ -119,15 +119,26 @@ def test_empirical_bias_correction_removes_the_int8_networks_mean_shift(default_
     def quantize(m):
         return quantize_model(m, stats, form, "mse")
 
-    corrected, info = bc_mod.empirical_bias_correct(fp32, quantize, x)
-    assert info["layers"] == 53 and info["mean_abs_shift"] > 0 and info["passes"] == 1
+    # the corrections at full depth: every layer's shift falls, and so does the logits' mean error
+    shifts = bc_mod.empirical_shifts(fp32, quantize(fp32), x)
+    nodes = weighted_nodes(fp32)
+    assert len(shifts) == len(nodes) == 53
+    full = bc_mod.apply_shifts(fp32, shifts, nodes)
     before = bc_mod.layer_shifts(fp32, quantize(fp32), batches)
-    after = bc_mod.layer_shifts(fp32, quantize(corrected), batches)
+    after = bc_mod.layer_shifts(fp32, quantize(full), batches)
     assert np.mean(list(after.values())) < 0.3 * np.mean(list(before.values()))
     ref = ort.logits(fp32, batches, 1)
     shift_before = np.abs((ort.logits(quantize(fp32), batches, 1) - ref).mean(0)).mean()
-    shift_after = np.abs((ort.logits(quantize(corrected), batches, 1) - ref).mean(0)).mean()
+    shift_after = np.abs((ort.logits(quantize(full), batches, 1) - ref).mean(0)).mean()
     assert shift_after < 0.5 * shift_before
+    # the pass keeps the depth whose logits are closest to FP32 on the images, none included
+    corrected, info = bc_mod.empirical_bias_correct(fp32, quantize, x)
+    mse = {int(k): v for k, v in info["depth_logit_mse"].items()}
+    assert sorted(mse) == [0, 13, 26, 40, 53] and info["of_layers"] == 53 and info["passes"] == 1
+    assert info["layers"] == min(mse, key=lambda k: (mse[k], k)) and mse[info["layers"]] <= mse[0]
+    z = ort.logits(quantize(corrected), [x[:32], x[32:]], None)
+    assert float(np.mean((z.astype(np.float64) - ort.logits(fp32, [x[:32], x[32:]], None)) ** 2)) == \
+        pytest.approx(mse[info["layers"]], rel=1e-4)
     # the FP32 network itself only changed in its biases
     names = {i.name for i in fp32.graph.initializer if i.name not in
              {n.input[2] for n in weighted_nodes(fp32)}}
@@ -217,8 +228,8 @@ def test_plan_records_every_pass_and_switches_off(default_run_64: Path, tmp_path
         assert rec["kept"] in ("cheap", "expensive") and set(rec["scores"]) == {"cheap", "expensive"}
         best = min(rec["scores"], key=lambda k: rec["scores"][k]["mse"])
         assert rec["kept"] == best  # the record is the decision
-        bc = rec["expensive"][1]
-        assert bc["decision"] in ("analytic", "empirical") and set(bc["scores"]) == {"analytic", "empirical"}
+        for bc in (rec["cheap"][1], rec["expensive"][1]):  # both judged in the cheap recipe already
+            assert bc["decision"] in ("analytic", "empirical") and set(bc["scores"]) == {"analytic", "empirical"}
         lr = rec["expensive"][0]
         assert lr["details"]["iters"] == 40 and lr["details"]["learned"] <= 4
         assert lr["decision"] in ("nearest rounding", "learned rounding") or lr["why"] == "no layer improved"

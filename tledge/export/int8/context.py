@@ -81,6 +81,15 @@ class Int8Context:
     def threads(self) -> int | None:
         return self.cfg.threads
 
+    def fit_subset(self, n: int) -> np.ndarray:
+        """``n`` of the fit images, spread evenly over them (every k-th). Not the first ``n``: calibration
+        folders are read in sorted order, class by class, and the first 64 of the demo's fit images held
+        5 of its 10 classes."""
+        if n >= len(self.fit):
+            return np.ascontiguousarray(self.fit)
+        idx = np.unique(np.linspace(0, len(self.fit) - 1, n).round().astype(int))
+        return np.ascontiguousarray(self.fit[idx])
+
     def judge_batches(self, size: int = 32) -> list[np.ndarray]:
         return [np.ascontiguousarray(self.judge[i:i + size]) for i in range(0, len(self.judge), size)]
 

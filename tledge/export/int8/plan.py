@@ -4,9 +4,10 @@ A pass has a ``name``, says whether the options enable it (``enabled(cfg) -> (bo
 graph-wide passes on the context (``run(ctx) -> PassRecord``: the FP32 graph both forms start from, the
 statistics), per-form passes on a ``FormState`` (``run(state, ctx) -> PassRecord``).
 
-The default plan is cheap: ranges, analytic bias correction and the head refit. Only when that misses
-``--target-agreement`` (top-1 agreement with FP32 on the judge images, calibration images no fit saw) do
-the expensive passes run (learned rounding, empirical bias correction), as a second candidate recipe;
+The default plan is cheap: ranges, bias correction (analytic or empirical, judged) and the head refit. Only
+when that misses ``--target-agreement`` (top-1 agreement with FP32 on the judge images, calibration images no
+fit saw) do the expensive passes run (learned rounding, then the cheap passes again on its rounding), as a
+second candidate recipe;
 the one closer to FP32 on the judge images is kept, and the record says why each ran. (AIMET's
 AutoQuant applies its techniques against an accuracy goal in the same way.)
 """
@@ -72,8 +73,8 @@ class Plan:
     def default(cls) -> "Plan":
         from tledge.export.int8 import passes as p
         return cls(graph=[p.FoldShapes(), p.Equalize(), p.Calibrate()],
-                   cheap=[p.Ranges(), p.BiasCorrection(escalated=False), p.HeadRefit()],
-                   expensive=[p.LearnedRounding(), p.BiasCorrection(escalated=True), p.HeadRefit()])
+                   cheap=[p.Ranges(), p.BiasCorrection(), p.HeadRefit()],
+                   expensive=[p.LearnedRounding(), p.BiasCorrection(), p.HeadRefit()])
 
     def describe(self, cfg: ExportConfig) -> dict[str, list[dict[str, Any]]]:
         """Every pass of the plan, whether the options enable it and why (printed before the work)."""

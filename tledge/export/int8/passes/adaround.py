@@ -253,7 +253,7 @@ class LearnedRounding:
                                   "own (--escalate on learns it anyway)",
                                   scores={"weights_fp32": bound})
         if "adaround" not in ctx.cache:  # learned once on the shared FP32 graph; each form judges it
-            fit = ctx.fit[:q.adaround_images]
+            fit = ctx.fit_subset(q.adaround_images)
             ctx.cache["adaround"] = adaround(ctx.base, [fit[i:i + 8].copy() for i in range(0, len(fit), 8)],
                                              q.adaround_iters, q.adaround_layers, threads=ctx.threads)
         learned, info = ctx.cache["adaround"]

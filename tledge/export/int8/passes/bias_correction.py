@@ -139,6 +139,12 @@ def layer_shifts(fp32: Any, q: Any, batches: list[np.ndarray], threads: int | No
     return {t: float(np.abs(d).mean()) for t, (d, _) in masked_shifts(qs, fs, inp, outs, regions, batches).items()}
 
 
+# fractions of the in-region mean shift a channel may take (``correction_graph``); 0 first, so a tie keeps the bias
+SHRINK = (0.0, 0.25, 0.5, 0.75, 1.0)
+# candidate correction depths of ``empirical_bias_correct`` (besides none): the first 1/DEPTHS, 2/DEPTHS ... of the layers
+DEPTHS = 4
+
+
 def correction_graph(model: Any, q: Any, min_count: int = 16) -> tuple[Any, list[str]]:
     """One graph that runs the FP32 network (tensors prefixed ``f__``) and the INT8 one ``q`` side by side on
     the same input, and corrects the INT8 network layer by layer *inside the graph*: after each Conv/Gemm,
@@ -191,14 +197,41 @@ def correction_graph(model: Any, q: Any, min_count: int = 16) -> tuple[Any, list
             helper.make_node("Less", [f(t), const(f"{p}_hi", hi)], [f"{p}_lt"]),
             helper.make_node("And", [f"{p}_gt", f"{p}_lt"], [f"{p}_m"]),
             helper.make_node("Cast", [f"{p}_m"], [f"{p}_mf"], to=TensorProto.FLOAT),
-            helper.make_node("Sub", [raw, f(t)], [f"{p}_d"]),
+            # what a bias change can reach: the difference after both values are clipped to the region
+            # (a value the activation or the next quantizer clips passes no change on)
+            helper.make_node("Clip", [f(t), f"{p}_lo", f"{p}_hi"], [f"{p}_fc"]),
+            helper.make_node("Clip", [raw, f"{p}_lo", f"{p}_hi"], [f"{p}_qc"]),
+            helper.make_node("Sub", [f"{p}_qc", f"{p}_fc"], [f"{p}_d"]),
             helper.make_node("Mul", [f"{p}_d", f"{p}_mf"], [f"{p}_dm"]),
             helper.make_node("ReduceSum", [f"{p}_dm", axes], [f"{p}_s"], keepdims=1),
             helper.make_node("ReduceSum", [f"{p}_mf", axes], [f"{p}_c"], keepdims=1),
             helper.make_node("Max", [f"{p}_c", const(f"{p}_one", 1.0)], [f"{p}_c1"]),
             helper.make_node("Div", [f"{p}_s", f"{p}_c1"], [f"{p}_mean"]),
             helper.make_node("GreaterOrEqual", [f"{p}_c", const(f"{p}_min", float(min_count))], [f"{p}_ok"]),
-            helper.make_node("Where", [f"{p}_ok", f"{p}_mean", const(f"{p}_zero", 0.0)], [f"{t}__shift"]),
+            helper.make_node("Where", [f"{p}_ok", f"{p}_mean", const(f"{p}_zero", 0.0)], [f"{p}_full"]),
+        ]
+        # The in-region mean is the shift only where the error is one. Where INT8 loses a channel's rare
+        # excursions (a gain error: a mostly negative channel whose positive values INT8 does not follow),
+        # the in-region mean is large and moving the bias by it would switch the channel on everywhere.
+        # So each channel takes the fraction of it that brings the clipped output closest to FP32's over
+        # all positions (0 included: no change).
+        errs = []
+        for k, frac in enumerate(SHRINK):
+            e = f"{p}_e{k}"
+            nodes += [
+                helper.make_node("Mul", [f"{p}_full", const(f"{e}_f", frac)], [f"{e}_sh"]),
+                helper.make_node("Sub", [raw, f"{e}_sh"], [f"{e}_y"]),
+                helper.make_node("Clip", [f"{e}_y", f"{p}_lo", f"{p}_hi"], [f"{e}_yc"]),
+                helper.make_node("Sub", [f"{e}_yc", f"{p}_fc"], [f"{e}_d"]),
+                helper.make_node("Mul", [f"{e}_d", f"{e}_d"], [f"{e}_d2"]),
+                helper.make_node("ReduceSum", [f"{e}_d2", axes], [e], keepdims=1),
+            ]
+            errs.append(e)
+        nodes += [
+            helper.make_node("Concat", errs, [f"{p}_errs"], axis=0),
+            helper.make_node("ArgMin", [f"{p}_errs"], [f"{p}_best"], axis=0, keepdims=1, select_last_index=0),
+            helper.make_node("Gather", [const(f"{p}_fracs", SHRINK), f"{p}_best"], [f"{p}_frac"], axis=0),
+            helper.make_node("Mul", [f"{p}_full", f"{p}_frac"], [f"{t}__shift"]),
             helper.make_node("Sub", [raw, f"{t}__shift"], [t]),
         ]
     del g.graph.node[:]
@@ -210,53 +243,85 @@ def correction_graph(model: Any, q: Any, min_count: int = 16) -> tuple[Any, list
     return g, layers
 
 
+def empirical_shifts(model: Any, q: Any, batch: np.ndarray, threads: int | None = None,
+                     min_count: int = 16) -> dict[str, np.ndarray]:
+    """Every Conv/Gemm output's correction (``correction_graph``, one run over ``batch``), by output name."""
+    from tledge.export.ort import session
+
+    g, layers = correction_graph(model, q, min_count)
+    sess = session(g, threads, optimize=False)
+    inp = sess.get_inputs()[0].name
+    return dict(zip(layers, sess.run([f"{t}__shift" for t in layers], {inp: np.ascontiguousarray(batch)})))
+
+
+def apply_shifts(model: Any, shifts: dict[str, np.ndarray], nodes: list[Any]) -> Any:
+    """``model`` with each of ``nodes``' corrections subtracted from its bias."""
+    from onnx import numpy_helper
+
+    m = copy_model(model)
+    minits = {i.name: i for i in m.graph.initializer}
+    for n in nodes:
+        d = shifts[n.output[0]].reshape(-1).astype(np.float64)
+        b = numpy_helper.to_array(minits[n.input[2]]).astype(np.float64) - d
+        minits[n.input[2]].CopyFrom(numpy_helper.from_array(b.astype(np.float32), n.input[2]))
+    return m
+
+
 def empirical_bias_correct(model: Any, quantize: Callable[[Any], Any], batch: np.ndarray,
-                           threads: int | None = None, min_count: int = 16) -> tuple[Any, dict[str, Any]]:
+                           threads: int | None = None, min_count: int = 16,
+                           depths: int = DEPTHS) -> tuple[Any, dict[str, Any]]:
     """Empirical bias correction (Nagel et al. 2019 sec. 4.2, empirical variant as in AIMET's
     ``correct_bias``) in one pass over the network: ``correction_graph`` runs the FP32 and INT8 networks
     side by side on ``batch`` and corrects each layer before the next reads it, so every layer's
     correction sees the upstream ones (as the layer-by-layer form does, without a network run per layer).
-    The corrections are then subtracted from the FP32 graph's biases; ``quantize`` re-quantizes it."""
-    from onnx import numpy_helper
 
-    from tledge.export.ort import session
+    The corrections are then subtracted from the FP32 graph's biases up to a depth: the first k layers
+    (in graph order) for the k of ``depths`` evenly spaced candidates, and none, whose INT8 logits on
+    ``batch`` are closest to FP32's. Measured on mobilenet_v2 at 224 px: correcting the first 36 of 53
+    layers halved the judge images' logit MSE (TensorRT form 0.27 -> 0.12), while one more block made it
+    1.5-9x worse than no correction (a channel's mean moved across ReLU6's threshold, whose downstream
+    weights FP32 never exercises on these images). The logits decide, not each layer's own error."""
+    from tledge.export import ort
 
-    g, layers = correction_graph(model, quantize(model), min_count)
-    sess = session(g, threads, optimize=False)
-    inp = sess.get_inputs()[0].name
-    shifts = dict(zip(layers, sess.run([f"{t}__shift" for t in layers], {inp: np.ascontiguousarray(batch)})))
-    m = copy_model(model)
-    minits = {i.name: i for i in m.graph.initializer}
-    mean_abs, used = [], []
-    for n in weighted_nodes(m):
-        d = shifts[n.output[0]].reshape(-1).astype(np.float64)
-        b = numpy_helper.to_array(minits[n.input[2]]).astype(np.float64) - d
-        minits[n.input[2]].CopyFrom(numpy_helper.from_array(b.astype(np.float32), n.input[2]))
-        mean_abs.append(float(np.abs(d).mean()))
-        used.append(float((d != 0).mean()))
-    return m, {"layers": len(layers), "mean_abs_shift": float(np.mean(mean_abs)) if mean_abs else 0.0,
-               "channels_corrected": float(np.mean(used)) if used else 0.0, "images": int(len(batch)),
-               "passes": 1}
+    shifts = empirical_shifts(model, quantize(model), batch, threads, min_count)
+    nodes = [n for n in weighted_nodes(model) if n.output[0] in shifts]
+
+    def corrected(k: int) -> Any:
+        return apply_shifts(model, shifts, nodes[:k])
+
+    chunks = [np.ascontiguousarray(batch[i:i + 32]) for i in range(0, len(batch), 32)]
+    ref = ort.logits(model, chunks, threads)
+    cands = sorted({0, *(round(len(nodes) * (i + 1) / depths) for i in range(depths))})
+    mse: dict[int, float] = {}
+    for k in cands:
+        z = ort.logits(quantize(corrected(k)), chunks, threads)
+        mse[k] = float(np.mean((z.astype(np.float64) - ref) ** 2))
+    depth = min(cands, key=lambda k: (mse[k], k))
+    mean_abs = [float(np.abs(shifts[n.output[0]]).mean()) for n in nodes[:depth]]
+    used = [float((shifts[n.output[0]] != 0).mean()) for n in nodes[:depth]]
+    return corrected(depth), {"layers": depth, "of_layers": len(nodes), "depth_logit_mse": {str(k): v for k, v in mse.items()},
+                              "mean_abs_shift": float(np.mean(mean_abs)) if mean_abs else 0.0,
+                              "channels_corrected": float(np.mean(used)) if used else 0.0, "images": int(len(batch)),
+                              "passes": 1}
 
 
 class BiasCorrection:
-    """Analytic in the cheap recipe; with --bias-correction auto the escalated recipe keeps analytic or
-    empirical, whichever is closer to FP32 on the judge images."""
+    """With --bias-correction auto, analytic and empirical are both made and the one closer to FP32 on the
+    judge images is kept, in the cheap recipe already: on mobilenet_v2 at 224 px empirical took the TensorRT
+    form's judge-image logit MSE from 0.27 (none; analytic: 0.38) to 0.13 and agreement from 89.8% to 96.1%, for
+    ~12 s a form. The same input (graph, ranges, rounding) reuses the earlier result."""
 
-    def __init__(self, escalated: bool) -> None:
-        self.escalated = escalated
-        self.name = "bias_correction"
+    name = "bias_correction"
 
     def escalates(self, cfg: ExportConfig) -> bool:
-        return self.escalated and cfg.quant.bias_correction == "auto"
+        return False  # the cheap recipe already tries every mode the options allow
 
     def enabled(self, cfg: ExportConfig) -> tuple[bool, str]:
         mode = cfg.quant.bias_correction
         if mode == "off":
             return False, "--bias-correction off"
         if mode == "auto":
-            return True, ("analytic or empirical, the closer to FP32 on the judge images" if self.escalated
-                          else "analytic (cheap)")
+            return True, "analytic or empirical, the closer to FP32 on the judge images"
         return True, f"--bias-correction {mode}"
 
     def _analytic(self, state: FormState, ctx: Int8Context) -> tuple[Any, dict[str, Any]]:
@@ -266,12 +331,24 @@ class BiasCorrection:
         return bias_correct(state.model, ctx.cache["means"], state.rounding or None)
 
     def _empirical(self, state: FormState, ctx: Int8Context) -> tuple[Any, dict[str, Any]]:
-        return empirical_bias_correct(state.model, lambda m: ctx.quantize(state, model=m), ctx.fit[:64], ctx.threads)
+        return empirical_bias_correct(state.model, lambda m: ctx.quantize(state, model=m), ctx.fit_subset(64), ctx.threads)
 
     def run(self, state: FormState, ctx: Int8Context) -> PassRecord:
+        import hashlib
+        key = (state.form, state.method, state.rounding_name,
+               hashlib.sha256(state.model.SerializeToString(deterministic=True)).hexdigest())
+        done = ctx.cache.setdefault("bias_correction", {})
+        if key in done:  # the same graph, ranges and rounding as a recipe already corrected: the same result
+            state.model, rec = done[key]
+            return PassRecord(self.name, state.form, rec.decision, "same input as an earlier correction: reused",
+                              scores=rec.scores, details=rec.details)
+        rec = self._run(state, ctx)
+        done[key] = (state.model, rec)
+        return rec
+
+    def _run(self, state: FormState, ctx: Int8Context) -> PassRecord:
         mode = ctx.cfg.quant.bias_correction
-        modes = ("analytic", "empirical") if (mode == "auto" and self.escalated) else \
-            ("analytic",) if mode == "auto" else (mode,)
+        modes = ("analytic", "empirical") if mode == "auto" else (mode,)
         cands, details = {}, {}
         for m in modes:
             cands[m], details[m] = (self._analytic if m == "analytic" else self._empirical)(state, ctx)
