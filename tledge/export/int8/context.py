@@ -57,6 +57,13 @@ class FormState:
     float_tensors: tuple[str, ...] = ()          # activation quantizers the gate removed
     act_qparams: dict[str, tuple[float, int]] = field(default_factory=dict)  # learned (scale, zero-point) (QAT)
 
+    def input_key(self) -> tuple[str, str, str, str]:
+        """What a pass's result depends on (form, ranges, rounding, graph): passes that see the same key again
+        reuse their earlier result."""
+        import hashlib
+        return (self.form, self.method, self.rounding_name,
+                hashlib.sha256(self.model.SerializeToString(deterministic=True)).hexdigest())
+
     def copy(self, **changes: Any) -> "FormState":
         d = {**self.__dict__, **changes}
         return FormState(**d)

@@ -141,7 +141,8 @@ def layer_shifts(fp32: Any, q: Any, batches: list[np.ndarray], threads: int | No
 
 # fractions of the in-region mean shift a channel may take (``correction_graph``); 0 first, so a tie keeps the bias
 SHRINK = (0.0, 0.25, 0.5, 0.75, 1.0)
-# candidate correction depths of ``empirical_bias_correct`` (besides none): the first 1/DEPTHS, 2/DEPTHS ... of the layers
+# candidate correction depths of ``empirical_bias_correct`` (besides none): the first 1/DEPTHS, 2/DEPTHS ... of
+# the layers
 DEPTHS = 4
 
 
@@ -293,16 +294,18 @@ def empirical_bias_correct(model: Any, quantize: Callable[[Any], Any], batch: np
     ref = ort.logits(model, chunks, threads)
     cands = sorted({0, *(round(len(nodes) * (i + 1) / depths) for i in range(depths))})
     mse: dict[int, float] = {}
-    for k in cands:
-        z = ort.logits(quantize(corrected(k)), chunks, threads)
+    models = {k: corrected(k) for k in cands}
+    for k, m in models.items():
+        z = ort.logits(quantize(m), chunks, threads)
         mse[k] = float(np.mean((z.astype(np.float64) - ref) ** 2))
     depth = min(cands, key=lambda k: (mse[k], k))
     mean_abs = [float(np.abs(shifts[n.output[0]]).mean()) for n in nodes[:depth]]
     used = [float((shifts[n.output[0]] != 0).mean()) for n in nodes[:depth]]
-    return corrected(depth), {"layers": depth, "of_layers": len(nodes), "depth_logit_mse": {str(k): v for k, v in mse.items()},
-                              "mean_abs_shift": float(np.mean(mean_abs)) if mean_abs else 0.0,
-                              "channels_corrected": float(np.mean(used)) if used else 0.0, "images": int(len(batch)),
-                              "passes": 1}
+    return models[depth], {"layers": depth, "of_layers": len(nodes),
+                           "depth_logit_mse": {str(k): v for k, v in mse.items()},
+                           "mean_abs_shift": float(np.mean(mean_abs)) if mean_abs else 0.0,
+                           "channels_corrected": float(np.mean(used)) if used else 0.0, "images": int(len(batch)),
+                           "passes": 1}
 
 
 class BiasCorrection:
@@ -331,12 +334,11 @@ class BiasCorrection:
         return bias_correct(state.model, ctx.cache["means"], state.rounding or None)
 
     def _empirical(self, state: FormState, ctx: Int8Context) -> tuple[Any, dict[str, Any]]:
-        return empirical_bias_correct(state.model, lambda m: ctx.quantize(state, model=m), ctx.fit_subset(64), ctx.threads)
+        return empirical_bias_correct(state.model, lambda m: ctx.quantize(state, model=m), ctx.fit_subset(64),
+                                      ctx.threads)
 
     def run(self, state: FormState, ctx: Int8Context) -> PassRecord:
-        import hashlib
-        key = (state.form, state.method, state.rounding_name,
-               hashlib.sha256(state.model.SerializeToString(deterministic=True)).hexdigest())
+        key = state.input_key()
         done = ctx.cache.setdefault("bias_correction", {})
         if key in done:  # the same graph, ranges and rounding as a recipe already corrected: the same result
             state.model, rec = done[key]

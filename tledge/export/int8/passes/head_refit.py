@@ -171,9 +171,7 @@ class HeadRefit:
         gemm = head_gemm(state.model)
         if gemm is None or ctx.card["head"]["kind"] != "linear":
             return PassRecord(self.name, state.form, "not applied", "only linear heads are re-fitted")
-        import hashlib
-        key = (state.form, state.method, state.rounding_name,
-               hashlib.sha256(state.model.SerializeToString(deterministic=True)).hexdigest())
+        key = state.input_key()
         done = ctx.cache.setdefault("refit", {})
         if key in done:  # the same graph, ranges and rounding as a recipe already re-fitted: the same head
             state.model, state.rounding, rec = done[key]
