@@ -184,7 +184,7 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @click.option("--qat-steps", type=click.IntRange(1), default=300, show_default=True, help="QAT training steps.")
 @click.option("--qat-batch", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--qat-lr", type=float, default=1e-5, show_default=True, help="QAT learning rate (Adam).")
-@click.option("--qat-scales", type=click.Choice(["fixed", "learned"]), default="learned", show_default=True,
+@click.option("--qat-scales", type=click.Choice(["fixed", "learned"]), default="fixed", show_default=True,
               help="QAT: learn the activation scales from the calibrated ones (LSQ-style), or keep them fixed.")
 @click.option("--qat-mix", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
               help="QAT: distil on mixup pairs of training images (Beta(a, a) weights, the FP32 teacher run on each "

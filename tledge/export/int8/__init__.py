@@ -115,7 +115,7 @@ def refit_reference(ctx: Int8Context, section: dict[str, Any], evalset: EvalSet,
     if logits is None:
         return
     base = compare(logits, ref, evalset.labels)
-    effect = -base["drop_points"]  # what the refit alone does to FP32's val top-1
+    effect = -base["drop_points"] + 0.0  # (+0.0: never "-0.00") what the refit alone does to FP32's val top-1
     for form in refitted:
         final = section["gate"][form]["final"]
         quant = round((base["top1"] - final["top1"]) * 100, 4)

@@ -6,9 +6,10 @@
 - empirical (as AIMET's ``correct_bias``): layer by layer, the per-channel mean difference between the INT8
   network's layer output (upstream corrections applied) and the FP32 one on the fit images is subtracted
   from the bias, all in one run of a graph that holds both networks and applies each correction before
-  the next layer (``correction_graph``). It also removes the shift activation quantization causes. Measured only where values pass the
-  activation and the next quantizer unclipped (the error of clipped values is not a shift). Expensive:
-  tried when the plan escalates, and kept only if it beats analytic on the judge images.
+  the next layer (``correction_graph``). It also removes the shift activation quantization causes. Measured
+  on values clipped to the region the activation and the next quantizer pass, and applied up to the depth
+  whose INT8 logits are closest to FP32 (``empirical_bias_correct``).
+With --bias-correction auto both are made in the cheap recipe and the judge images keep the closer one.
 """
 from __future__ import annotations
 
@@ -270,7 +271,8 @@ def apply_shifts(model: Any, shifts: dict[str, np.ndarray], nodes: list[Any]) ->
 
 def empirical_bias_correct(model: Any, quantize: Callable[[Any], Any], batch: np.ndarray,
                            threads: int | None = None, min_count: int = 16,
-                           depths: int = DEPTHS) -> tuple[Any, dict[str, Any]]:
+                           depths: int = DEPTHS, label: str = "empirical bias correction",
+                           ) -> tuple[Any, dict[str, Any]]:
     """Empirical bias correction (Nagel et al. 2019 sec. 4.2, empirical variant as in AIMET's
     ``correct_bias``) in one pass over the network: ``correction_graph`` runs the FP32 and INT8 networks
     side by side on ``batch`` and corrects each layer before the next reads it, so every layer's
@@ -282,22 +284,26 @@ def empirical_bias_correct(model: Any, quantize: Callable[[Any], Any], batch: np
     layers halved the judge images' logit MSE (TensorRT form 0.27 -> 0.12), while one more block made it
     1.5-9x worse than no correction (a channel's mean moved across ReLU6's threshold, whose downstream
     weights FP32 never exercises on these images). The logits decide, not each layer's own error."""
+    from tledge.console import progress
     from tledge.export import ort
 
-    shifts = empirical_shifts(model, quantize(model), batch, threads, min_count)
-    nodes = [n for n in weighted_nodes(model) if n.output[0] in shifts]
-
-    def corrected(k: int) -> Any:
-        return apply_shifts(model, shifts, nodes[:k])
-
-    chunks = [np.ascontiguousarray(batch[i:i + 32]) for i in range(0, len(batch), 32)]
-    ref = ort.logits(model, chunks, threads)
-    cands = sorted({0, *(round(len(nodes) * (i + 1) / depths) for i in range(depths))})
-    mse: dict[int, float] = {}
-    models = {k: corrected(k) for k in cands}
-    for k, m in models.items():
-        z = ort.logits(quantize(m), chunks, threads)
-        mse[k] = float(np.mean((z.astype(np.float64) - ref) ** 2))
+    with progress() as prog:
+        # one unit per network run: the correction graph (FP32 and INT8 side by side), FP32's logits, then each
+        # depth candidate's INT8 logits (the candidate count is known before the correction graph is built)
+        task = prog.add_task(label, total=3 + depths, info="correction graph")
+        shifts = empirical_shifts(model, quantize(model), batch, threads, min_count)
+        prog.advance(task)
+        nodes = [n for n in weighted_nodes(model) if n.output[0] in shifts]
+        chunks = [np.ascontiguousarray(batch[i:i + 32]) for i in range(0, len(batch), 32)]
+        ref = ort.logits(model, chunks, threads)
+        cands = sorted({0, *(round(len(nodes) * (i + 1) / depths) for i in range(depths))})
+        prog.update(task, total=2 + len(cands), completed=2, info="depth candidates")
+        mse: dict[int, float] = {}
+        models = {k: apply_shifts(model, shifts, nodes[:k]) for k in cands}
+        for k, m in models.items():
+            z = ort.logits(quantize(m), chunks, threads)
+            mse[k] = float(np.mean((z.astype(np.float64) - ref) ** 2))
+            prog.advance(task)
     depth = min(cands, key=lambda k: (mse[k], k))
     mean_abs = [float(np.abs(shifts[n.output[0]]).mean()) for n in nodes[:depth]]
     used = [float((shifts[n.output[0]] != 0).mean()) for n in nodes[:depth]]
@@ -335,7 +341,7 @@ class BiasCorrection:
 
     def _empirical(self, state: FormState, ctx: Int8Context) -> tuple[Any, dict[str, Any]]:
         return empirical_bias_correct(state.model, lambda m: ctx.quantize(state, model=m), ctx.fit_subset(64),
-                                      ctx.threads)
+                                      ctx.threads, label=f"empirical bias correction ({state.form})")
 
     def run(self, state: FormState, ctx: Int8Context) -> PassRecord:
         key = state.input_key()

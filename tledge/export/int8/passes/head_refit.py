@@ -119,9 +119,27 @@ def train_images(ctx: Int8Context) -> EvalSet:
 
 def train_teacher_logits(ctx: Int8Context) -> np.ndarray:
     """The FP32 graph's logits on ``train_images`` (computed once, shared by the refit and QAT)."""
-    if "train_logits" not in ctx.cache:
-        ctx.cache["train_logits"] = ort.logits(ctx.base, train_images(ctx).batches(32), ctx.threads)
-    return ctx.cache["train_logits"]
+    return _train_fp32(ctx)[1]
+
+
+def _train_fp32(ctx: Int8Context) -> tuple[np.ndarray | None, np.ndarray]:
+    """The FP32 graph's head features (None without a linear head) and logits on ``train_images``, from one
+    pass (it was two at 2,000 images: the distilled refit's teacher, then the refit reference's features)."""
+    if "train_fp32" not in ctx.cache:
+        train, gemm = train_images(ctx), head_gemm(ctx.base)
+        out = ctx.base.graph.output[0].name
+        names = [gemm.input[0], out] if gemm is not None else [out]
+        sess, inp = probe_session(ctx.base, names, ctx.threads, optimize=True)
+        got: list[list[np.ndarray]] = [[] for _ in names]
+        with progress() as prog:
+            task = prog.add_task("FP32 on the training images (teacher)", total=len(train), info="")
+            for x in train.batches(32):
+                for acc, v in zip(got, sess.run(names, {inp: x})):
+                    acc.append(v)
+                prog.advance(task, len(x))
+        vals = [np.concatenate(v) if v else np.zeros((0,), np.float32) for v in got]
+        ctx.cache["train_fp32"] = (vals[0], vals[1]) if gemm is not None else (None, vals[0])
+    return ctx.cache["train_fp32"]
 
 
 def refit_recipe(ctx: Int8Context) -> tuple[int, dict[str, Any]]:
@@ -142,10 +160,9 @@ def fp32_refit_logits(ctx: Int8Context, evalset: EvalSet) -> np.ndarray | None:
     if gemm is None or not ctx.cfg.quant.head_refit or ctx.card["head"]["kind"] != "linear":
         return None
     train = train_images(ctx)
+    feats = _train_fp32(ctx)[0]
     with progress() as prog:
-        task = prog.add_task("FP32 features for the refit reference", total=len(train) + len(evalset), info="")
-        feats = features_through(ctx.base, gemm.input[0], train.batches(32), ctx.threads,
-                                 lambda n: prog.advance(task, n))
+        task = prog.add_task("FP32 val features for the refit reference", total=len(evalset), info="")
         val_feats = features_through(ctx.base, gemm.input[0], evalset.batches(32), ctx.threads,
                                      lambda n: prog.advance(task, n))
     w0, b0 = head_weights(ctx.base, gemm)
