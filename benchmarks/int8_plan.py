@@ -9,7 +9,8 @@ Per backbone and size, in one process and one run (side by side, so machine nois
     target agreement on the judge images); the others are other recipes: --escalate on (learned rounding and auto
     bias correction always on: the previous default's techniques), --refit-distill 1 (the head refit
     distilled from the FP32 logits instead of trained on the labels), --escalate off, without the head refit,
-    with empirical bias correction in the cheap recipe;
+    with empirical bias correction in the cheap recipe; `floor` turns every technique off (what any tledge
+    INT8 export costs beyond quantize_static: the FP32 check, calibration statistics, the val measurement);
   - every INT8 graph's top-1 drop against PyTorch and top-1 agreement with FP32 on the 10,000 test images.
 The run's own val split (the embedded 1,000 images) drives the gate, as in `tledge export`.
 
@@ -78,13 +79,19 @@ CONFIGS: dict[str, tuple[str, dict]] = {
                           {"head_refit": False, "bias_correction": "empirical", "escalate": "off"}),
     "refit-empirical": ("head refit, --bias-correction empirical, --escalate off",
                         {"bias_correction": "empirical", "escalate": "off"}),
+    # the fixed cost of a tledge INT8 export, every technique off: ONNX export and its check against PyTorch on
+    # val, calibration statistics, MinMax ranges, quantizing and the val measurement of both forms (no fallback:
+    # --max-drop 100), i.e. what quantize_static does plus the checks every tledge export makes
+    "floor": ("floor: every technique off (minmax, no correction, no refit, --escalate off, no fallback)",
+              {"calib_method": "minmax", "bias_correction": "off", "head_refit": False, "escalate": "off",
+               "cle": False, "max_drop": 100.0}),
 }
 
 
 def bench(name: str, size: int, test_dir: Path, tmp: Path, configs: list[str], qs_methods: list[str]) -> dict:
     from tledge import card as card_mod
     from tledge.errors import AccuracyError
-    from tledge.export.config import ExportConfig, GateConfig, Int8Config
+    from tledge.export.config import CalibConfig, ExportConfig, GateConfig, Int8Config
     from tledge.export.pipeline import run_export
 
     base, card, ev, ref = tuned_reference(name, size, test_dir, tmp)
@@ -96,7 +103,10 @@ def bench(name: str, size: int, test_dir: Path, tmp: Path, configs: list[str], q
         label, overrides = CONFIGS[key]
         run = tmp / f"{base.name}-{key}"
         shutil.copytree(base, run)
-        cfg = ExportConfig(int8=True, threads=2, gate=GateConfig(max_drop=1.0), quant=Int8Config(**overrides))
+        quant = dict(overrides)
+        calib = CalibConfig(method=quant.pop("calib_method")) if "calib_method" in quant else CalibConfig()
+        gate = GateConfig(max_drop=quant.pop("max_drop", 1.0))
+        cfg = ExportConfig(int8=True, threads=2, calib=calib, gate=gate, quant=Int8Config(**quant))
         t0 = time.perf_counter()
         try:
             m = run_export(run, cfg)
