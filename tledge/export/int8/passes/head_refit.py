@@ -13,7 +13,6 @@ from tledge import card as card_mod
 from tledge.console import progress
 from tledge.data import stratified_split
 from tledge.evalset import EvalSet
-from tledge.export import ort
 from tledge.export.config import ExportConfig
 from tledge.export.graph import attr, copy_model
 from tledge.export.int8.context import FormState, Int8Context, torch_threads
@@ -29,16 +28,18 @@ def head_gemm(model: Any) -> Any | None:
     return gemms[0]
 
 
-def features_through(q: Any, gemm_input: str, batches: Iterable[np.ndarray], threads: int | None = None,
-                     advance: Any = None) -> np.ndarray:
-    """The features the quantized head sees (after the input's Q/DQ), for ``batches``."""
-    sess, inp = probe_session(q, [gemm_input], threads, optimize=True)
-    out = []
+def features_through(q: Any, names: list[str], batches: Iterable[np.ndarray], threads: int | None = None,
+                     advance: Any = None) -> list[np.ndarray]:
+    """The tensors ``names`` of ``q`` (e.g. the features the quantized head sees, after the input's Q/DQ),
+    each concatenated over ``batches``, from one run per batch."""
+    sess, inp = probe_session(q, names, threads, optimize=True)
+    out: list[list[np.ndarray]] = [[] for _ in names]
     for x in batches:
-        out.append(sess.run([gemm_input], {inp: x})[0])
+        for acc, v in zip(out, sess.run(names, {inp: x})):
+            acc.append(v)
         if advance is not None:
             advance(len(x))
-    return np.concatenate(out)
+    return [np.concatenate(v) if v else np.zeros((0,), np.float32) for v in out]
 
 
 def refit_head(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, b0: np.ndarray, epochs: int,
@@ -129,15 +130,9 @@ def _train_fp32(ctx: Int8Context) -> tuple[np.ndarray | None, np.ndarray]:
         train, gemm = train_images(ctx), head_gemm(ctx.base)
         out = ctx.base.graph.output[0].name
         names = [gemm.input[0], out] if gemm is not None else [out]
-        sess, inp = probe_session(ctx.base, names, ctx.threads, optimize=True)
-        got: list[list[np.ndarray]] = [[] for _ in names]
         with progress() as prog:
             task = prog.add_task("FP32 on the training images (teacher)", total=len(train), info="")
-            for x in train.batches(32):
-                for acc, v in zip(got, sess.run(names, {inp: x})):
-                    acc.append(v)
-                prog.advance(task, len(x))
-        vals = [np.concatenate(v) if v else np.zeros((0,), np.float32) for v in got]
+            vals = features_through(ctx.base, names, train.batches(32), ctx.threads, lambda n: prog.advance(task, n))
         ctx.cache["train_fp32"] = (vals[0], vals[1]) if gemm is not None else (None, vals[0])
     return ctx.cache["train_fp32"]
 
@@ -163,8 +158,8 @@ def fp32_refit_logits(ctx: Int8Context, evalset: EvalSet) -> np.ndarray | None:
     feats = _train_fp32(ctx)[0]
     with progress() as prog:
         task = prog.add_task("FP32 val features for the refit reference", total=len(evalset), info="")
-        val_feats = features_through(ctx.base, gemm.input[0], evalset.batches(32), ctx.threads,
-                                     lambda n: prog.advance(task, n))
+        val_feats, = features_through(ctx.base, [gemm.input[0]], evalset.batches(32), ctx.threads,
+                                      lambda n: prog.advance(task, n))
     w0, b0 = head_weights(ctx.base, gemm)
     distill = ctx.cfg.quant.refit_distill
     teacher = feats @ w0.T + b0 if distill > 0 else None
@@ -198,7 +193,8 @@ class HeadRefit:
         q = ctx.quantize(state)
         with progress() as prog:
             task = prog.add_task(f"refit features ({state.form})", total=len(train), info="")
-            feats = features_through(q, gemm.input[0], train.batches(32), ctx.threads, lambda n: prog.advance(task, n))
+            feats, = features_through(q, [gemm.input[0]], train.batches(32), ctx.threads,
+                                      lambda n: prog.advance(task, n))
         w0, b0 = head_weights(state.model, gemm)
         distill = ctx.cfg.quant.refit_distill
         teacher = None

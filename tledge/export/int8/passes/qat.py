@@ -473,7 +473,6 @@ class Qat:
         with torch_threads():
             torch.manual_seed(1357)
             net = build(q, cfg.qat_scales == "learned").to_device(dev)
-            s0 = {k: float(p.detach().cpu()) for k, p in net.s.items()}
             teacher_net = build(ctx.base).to_device(dev).eval() if cfg.qat_mix > 0 else None
             mix_rng = np.random.default_rng(8642)
 
@@ -492,8 +491,10 @@ class Qat:
 
             def make_opt(m: Any) -> Any:
                 groups = [{"params": list(m.w.values()) + list(m.b.values()), "lr": cfg.qat_lr}]
-                if cfg.qat_scales == "learned":  # each scale's step relative to its calibrated value
-                    groups += [{"params": [p], "lr": cfg.qat_lr * SCALE_LR * float(s0[k])} for k, p in m.s.items()]
+                if cfg.qat_scales == "learned":  # each scale's step relative to its calibrated value (m is
+                    # made before any step: the network, or expected_seconds' copy of it)
+                    groups += [{"params": [p], "lr": cfg.qat_lr * SCALE_LR * float(p.detach().cpu())}
+                               for p in m.s.values()]
                 return torch.optim.Adam(groups)
 
             opt = make_opt(net)
