@@ -34,13 +34,18 @@ class FakePass:
 
 
 class FakeCtx:
-    def __init__(self, cfg: ExportConfig, agreement_of: dict[float, float]) -> None:
-        self.cfg, self.base, self.agreement_of = cfg, 0.0, agreement_of
+    def __init__(self, cfg: ExportConfig, agreement_of: dict[float, float], replay: Any = None) -> None:
+        self.cfg, self.base, self.agreement_of, self.replay = cfg, 0.0, agreement_of, replay
+        self.scored: list[float] = []
+
+    def replayed(self, form: str) -> Any:
+        return self.replay.forms[form] if self.replay is not None else None
 
     def quantize(self, state: FormState) -> float:
         return state.model
 
     def score(self, model: float) -> dict[str, float]:
+        self.scored.append(model)
         return {"mse": model, "agreement": self.agreement_of[model]}
 
 
@@ -111,3 +116,19 @@ def test_histogram_bins_match_numpy_and_leave_out_zeros() -> None:
     # a value exactly on a bin edge may fall on either side; elsewhere the counts are numpy's
     assert np.abs(st.pos - pos).sum() <= 2 and np.abs(st.neg - neg).sum() <= 2
     assert st.pos.sum() + st.neg.sum() == 10000
+
+
+@pytest.mark.parametrize("escalate, kept", [(True, "cheap"), (True, "expensive"), (False, "cheap")])
+def test_a_replay_escalates_and_keeps_as_recorded(escalate: bool, kept: str) -> None:
+    """--replay: whether the expensive recipe runs and which recipe is kept come from the record, not from the
+    judge images (here the cheap recipe meets the target and the expensive one scores better: a fresh export
+    would not escalate, and escalating would keep the expensive recipe)."""
+    from tledge.export.int8.replay import FormDecisions, Replay
+    d = FormDecisions(method="minmax", bias={}, bias_layers={}, escalate=escalate, rounding="nearest rounding",
+                      kept=kept, kept_float=())
+    ctx = FakeCtx(ExportConfig(int8=True), {1.0: 0.99, 0.5: 0.999}, Replay("m.json", {"cpu": d}))
+    state, record = _plan().run_form("cpu", ctx)
+    assert record["check"]["escalate"] is escalate and "replayed from m.json" in record["check"]["why"]
+    assert record["kept"] == kept and ("expensive" in record) is escalate
+    assert state.model == (0.5 if kept == "expensive" else 1.0)
+    assert ctx.scored == [1.0]  # the cheap recipe's check only (recorded): no recipe was judged

@@ -64,6 +64,8 @@ class Int8Config:
     qat_mix: float = 1.0                # mixup alpha of the distillation images (0: the training images as they are);
                                         # the FP32 teacher is run on every mixed batch. mobilenet_v2 112 px, TensorRT
                                         # form, 2,000 test images: logit MSE to FP32 0.18 (0) -> 0.154 (0.4) -> 0.132 (1.0)
+    replay: str | None = None           # an earlier export's manifest whose decisions are taken instead of made
+                                        # (int8/replay.py: the same choices on another CPU)
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,9 @@ class ExportConfig:
         if q.qat != "off" and not (self.int8 or self.engine.engine == "int8"):
             raise UsageError(f"--qat {q.qat} fine-tunes the INT8 graphs, but no INT8 export was asked for.",
                              "add --int8 (e.g. `tledge export RUN --int8 --qat on`).")
+        if q.replay is not None and not (self.int8 or self.engine.engine == "int8"):
+            raise UsageError(f"--replay {q.replay} replays an INT8 export's decisions, but no INT8 export was asked for.",
+                             "add --int8 (e.g. `tledge export RUN --int8 --replay OTHER/export_manifest.json`).")
         for name, v in (("--qat-steps", q.qat_steps), ("--qat-batch", q.qat_batch), ("--qat-patience", q.qat_patience)):
             if v < 1:
                 raise UsageError(f"{name} {v} is not a positive count.", f"pass {name} 1 or more.")

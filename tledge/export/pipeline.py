@@ -33,13 +33,17 @@ def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
         trt_build.require_tensorrt()  # explicit --engine: say why and stop before any work
     t0 = time.perf_counter()
     ckpt_sha = artefacts.checkpoint_sha256(run, card)
+    replay = None
+    if cfg.quant.replay is not None and (cfg.int8 or want_engine == "int8"):
+        from tledge.export.int8 import replay as int8_replay
+        replay = int8_replay.load(cfg.quant.replay, ckpt_sha, cfg)  # refused before any work when it cannot apply
     # Everything is written into a staging folder and swapped in at the end (artefacts.commit_export), so an
     # interrupted export leaves the previous one whole, and no artefact of two exports is ever mixed.
     stage = run / artefacts.STAGING
     artefacts.remove([stage])
     stage.mkdir()
     try:
-        manifest = _export(run, stage, card, pre, cfg, want_engine, ckpt_sha)
+        manifest = _export(run, stage, card, pre, cfg, want_engine, ckpt_sha, replay)
     except BaseException:
         artefacts.remove([stage])
         raise
@@ -52,7 +56,7 @@ def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
 
 
 def _export(run: Path, stage: Path, card: dict[str, Any], pre: Any, cfg: ExportConfig, want_engine: str | None,
-            ckpt_sha: str) -> dict[str, Any]:
+            ckpt_sha: str, replay: Any = None) -> dict[str, Any]:
     import torch
 
     from tledge.export import tensorrt as trt_build
@@ -112,7 +116,7 @@ def _export(run: Path, stage: Path, card: dict[str, Any], pre: Any, cfg: ExportC
 
     if cfg.int8 or want_engine == "int8":
         from tledge.export.int8 import build_int8
-        section = build_int8(run, card, cfg, fp32, rep, evalset, ref, dest=stage)
+        section = build_int8(run, card, cfg, fp32, rep, evalset, ref, dest=stage, replay=replay)
         for form, info in section.pop("files").items():
             manifest["artefacts"][f"int8-{form}"] = info
             manifest["checks"][f"int8-{form}"] = section["gate"][form]

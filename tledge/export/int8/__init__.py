@@ -23,10 +23,12 @@ from tledge.fsutil import write_json
 
 
 def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, rep: Any, evalset: EvalSet,
-               ref: np.ndarray, plan: Plan | None = None, dest: Path | None = None) -> dict[str, Any]:
+               ref: np.ndarray, plan: Plan | None = None, dest: Path | None = None, replay: Any = None
+               ) -> dict[str, Any]:
     """Run the plan, gate each form on val, write the INT8 graphs and calib/calibration.json into ``dest``
     (default ``run``; the export passes its staging folder; statistics stay cached under ``run``). Returns the
-    manifest's ``int8`` section: the plan, every pass record, per form the kept recipe and the gate."""
+    manifest's ``int8`` section: the plan, every pass record, per form the kept recipe and the gate. ``replay``
+    (int8.replay.Replay, --replay): every decision is taken from it instead of made."""
     plan = plan or Plan.default()
     pre = card_mod.preprocess_of(card)
     samples, where = calibration_samples(card, cfg.calib, rep)
@@ -36,11 +38,16 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
     judge_idx, fit_idx = judge_split(len(x), cfg.calib.judge_images)
     ctx = Int8Context(cfg, base=fp32, judge=x[judge_idx], fit=x[fit_idx],
                       calib_batches=[x[i:i + 32] for i in range(0, len(x), 32)], card=card,
-                      train_samples=list(rep.train), run=Path(run), calib_ids=[s.sha256 for s in samples])
+                      train_samples=list(rep.train), run=Path(run), calib_ids=[s.sha256 for s in samples],
+                      replay=replay)
     ctx.set_reference()
     note(f"calibration: {len(judge_idx)} images judge, {len(fit_idx)} are for fits")
     section: dict[str, Any] = {"plan": plan.announce(cfg), "calibration_source": where,
                                "judge_images": int(len(judge_idx)), "fit_images": int(len(fit_idx))}
+    if replay is not None:
+        note(f"INT8: replaying the decisions of {replay.source}: nothing is chosen anew, only the values are "
+             "computed here")
+        section["replay"] = replay.to_dict()
     section["graph"] = [r.to_dict() for r in plan.run_graph(ctx)]
     calib_rec = next(r for r in section["graph"] if r["name"] == "calibrate")["details"]
     section["forms"], section["gate"], files, ranges = {}, {}, {}, {}

@@ -56,6 +56,7 @@ class FormState:
     rounding_name: str = "nearest"
     float_tensors: tuple[str, ...] = ()          # activation quantizers the gate removed
     act_qparams: dict[str, tuple[float, int]] = field(default_factory=dict)  # learned (scale, zero-point) (QAT)
+    stage: str = "cheap"                         # the recipe being built: cheap | expensive (what --replay looks up)
 
     def input_key(self) -> tuple[str, str, str, str]:
         """What a pass's result depends on (form, ranges, rounding, graph): passes that see the same key again
@@ -83,6 +84,11 @@ class Int8Context:
     stats: dict[str, TensorStats] | None = None
     judge_ref: np.ndarray | None = None          # FP32 logits of ``base`` on the judge images
     cache: dict[str, Any] = field(default_factory=dict)   # results shared across forms (learned rounding ...)
+    replay: Any = None                           # int8.replay.Replay: decisions taken from an earlier export
+
+    def replayed(self, form: str) -> Any:
+        """The recorded decisions of ``form`` when replaying (--replay), else None."""
+        return self.replay.forms[form] if self.replay is not None else None
 
     @property
     def threads(self) -> int | None:

@@ -110,6 +110,9 @@ def gate(ctx: Int8Context, state: FormState, evalset: EvalSet, ref: np.ndarray,
                               "kept_float": [], "steps": []}
     note(f"INT8 {form} ({state.method}): val top-1 {res['top1']:.4f}, drop {res['drop_points']:.2f} pt, "
          f"agreement with FP32 {res['top1_agreement']:.2%} (limit {g.max_drop} pt)")
+    replayed = ctx.replayed(form)
+    if replayed is not None:
+        return _replayed_gate(ctx, state, q, evalset, ref, report, replayed.kept_float)
     if res["drop_points"] > g.max_drop and rescue is not None:
         note(f"INT8 {form}: {res['drop_points']:.2f} pt misses --max-drop {g.max_drop}: fine-tuning through the "
              "quantizers (--qat auto) before keeping any in float")
@@ -156,3 +159,31 @@ def gate(ctx: Int8Context, state: FormState, evalset: EvalSet, ref: np.ndarray,
         f"best {best['drop_points']:.2f} pt with up to {limit} of {len(ranked)} quantizers in float.",
         "raise --max-drop, try another --method, --escalate on, calibrate on more or better images (--calib), "
         "or use --fp16.")
+
+
+def _replayed_gate(ctx: Int8Context, state: FormState, q: Any, evalset: EvalSet, ref: np.ndarray,
+                   report: dict[str, Any], keep: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    """--replay: the recorded quantizers in float, nothing ranked; the drop is still measured and held to
+    --max-drop (a replay on this machine that misses it fails, as the export would)."""
+    from tledge.export.int8.replay import mismatch
+    g, form, src = ctx.cfg.gate, state.form, ctx.replay.source
+    res = report["initial"]
+    if keep:
+        have = {n.input[0] for n in activation_quantizers(q)}
+        unknown = [t for t in keep if t not in have]
+        if unknown:
+            raise mismatch(f"it keeps quantizers in float that this {form}-form graph does not have: "
+                           f"{', '.join(unknown[:3])}", src)
+        state.float_tensors = tuple(keep)
+        q = ctx.quantize(state)
+        res = val_result(q, evalset, ref, ctx.threads, f"val INT8 ({form}, {len(keep)} in float)")
+        report["steps"].append({"kept_float": len(keep), "drop_points": res["drop_points"],
+                                "top1_agreement": res["top1_agreement"]})
+        note(f"INT8 {form}: {len(keep)} quantizer(s) kept in float (replayed from {src}): drop "
+             f"{res['drop_points']:.2f} pt")
+    if res["drop_points"] > g.max_drop:
+        raise AccuracyError(f"INT8 {form} replayed from {src} loses {res['drop_points']:.2f} points of top-1 here "
+                            f"(limit --max-drop {g.max_drop}).",
+                            "export without --replay to decide anew on this machine, or raise --max-drop.")
+    report.update(kept_float=list(keep), final=res, replayed_from=src)
+    return q, report

@@ -119,7 +119,10 @@ class Plan:
         record: dict[str, Any] = {"cheap": [r.to_dict() for r in self._run_form_passes(self.cheap, cheap, ctx)]}
         score = ctx.score(ctx.quantize(cheap))
         expensive_on = [p.name for p in self.expensive if p.enabled(ctx.cfg)[0] and p.escalates(ctx.cfg)]
-        if q.escalate == "off":
+        replayed = ctx.replayed(form)
+        if replayed is not None:
+            run, why = replayed.escalate, f"replayed from {ctx.replay.source}"
+        elif q.escalate == "off":
             run, why = False, "--escalate off"
         elif not expensive_on:
             run, why = False, "no expensive pass is enabled"
@@ -136,8 +139,14 @@ class Plan:
         if not run:
             record["kept"] = "cheap"
             return cheap, record
-        exp = FormState(form, ctx.base, method=cheap.method)
+        exp = FormState(form, ctx.base, method=cheap.method, stage="expensive")
         record["expensive"] = [r.to_dict() for r in self._run_form_passes(self.expensive, exp, ctx)]
+        if replayed is not None:
+            name = replayed.kept
+            kept = {"cheap": cheap, "expensive": exp}[name]
+            record.update(kept=name, scores={"cheap": score})
+            note(f"INT8 {form}: {name} recipe kept (replayed from {ctx.replay.source})")
+            return kept, record
         name, kept, scores = best_of(ctx, {"cheap": cheap, "expensive": exp}, ctx.quantize, f"judge recipes ({form})",
                                      known={"cheap": score})
         record.update(kept=name, scores=scores)

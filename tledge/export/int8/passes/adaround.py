@@ -239,7 +239,11 @@ class LearnedRounding:
 
     def run(self, state: FormState, ctx: Int8Context) -> PassRecord:
         q = ctx.cfg.quant
-        if q.escalate == "auto":
+        r = ctx.replayed(state.form)
+        if r is not None and r.rounding in ("not learned", "nearest rounding"):
+            # nothing to learn: the recorded export kept nearest rounding (or never learned)
+            return PassRecord(self.name, state.form, r.rounding, f"replayed from {ctx.replay.source}")
+        if r is None and q.escalate == "auto":
             # Learned rounding reconstructs each layer's FP32 output from FP32 inputs: its ideal is the FP32
             # weights. When even those (activations INT8) miss the target on the judge images, its minutes
             # are not spent (--escalate on still learns). Measured on the demo at 224 px: learned once for
@@ -258,6 +262,15 @@ class LearnedRounding:
                                              q.adaround_iters, q.adaround_layers, threads=ctx.threads)
         learned, info = ctx.cache["adaround"]
         details = {k: v for k, v in info.items() if k != "per_layer"}
+        if r is not None:
+            if r.rounding != "learned rounding" or not learned:
+                from tledge.export.int8.replay import mismatch
+                raise mismatch(f"it records learned rounding {r.rounding!r} for the {state.form} form, and here "
+                               f"{'no layer improved' if not learned else 'rounding was learned'}", ctx.replay.source)
+            state.rounding, state.rounding_name = learned, "learned"
+            details["per_layer"] = info["per_layer"]
+            return PassRecord(self.name, state.form, "learned rounding", f"replayed from {ctx.replay.source}",
+                              details=details)
         if not learned:
             return PassRecord(self.name, state.form, "nearest rounding", "no layer improved", details=info)
         cands = {"nearest": state.copy(), "learned": state.copy(rounding=learned, rounding_name="learned")}

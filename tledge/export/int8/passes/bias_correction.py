@@ -272,7 +272,7 @@ def apply_shifts(model: Any, shifts: dict[str, np.ndarray], nodes: list[Any]) ->
 def empirical_bias_correct(model: Any, quantize: Callable[[Any], Any], batch: np.ndarray,
                            threads: int | None = None, min_count: int = 16,
                            depths: int = DEPTHS, label: str = "empirical bias correction",
-                           ) -> tuple[Any, dict[str, Any]]:
+                           depth: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Empirical bias correction (Nagel et al. 2019 sec. 4.2, empirical variant as in AIMET's
     ``correct_bias``) in one pass over the network: ``correction_graph`` runs the FP32 and INT8 networks
     side by side on ``batch`` and corrects each layer before the next reads it, so every layer's
@@ -283,7 +283,8 @@ def empirical_bias_correct(model: Any, quantize: Callable[[Any], Any], batch: np
     ``batch`` are closest to FP32's. Measured on mobilenet_v2 at 224 px: correcting the first 36 of 53
     layers halved the judge images' logit MSE (TensorRT form 0.27 -> 0.12), while one more block made it
     1.5-9x worse than no correction (a channel's mean moved across ReLU6's threshold, whose downstream
-    weights FP32 never exercises on these images). The logits decide, not each layer's own error."""
+    weights FP32 never exercises on these images). The logits decide, not each layer's own error.
+    ``depth`` (--replay): correct exactly that many layers, nothing scored."""
     from tledge.console import progress
     from tledge.export import ort
 
@@ -294,17 +295,23 @@ def empirical_bias_correct(model: Any, quantize: Callable[[Any], Any], batch: np
         shifts = empirical_shifts(model, quantize(model), batch, threads, min_count)
         prog.advance(task)
         nodes = [n for n in weighted_nodes(model) if n.output[0] in shifts]
-        chunks = [np.ascontiguousarray(batch[i:i + 32]) for i in range(0, len(batch), 32)]
-        ref = ort.logits(model, chunks, threads)
-        cands = sorted({0, *(round(len(nodes) * (i + 1) / depths) for i in range(depths))})
-        prog.update(task, total=2 + len(cands), completed=2, info="depth candidates")
         mse: dict[int, float] = {}
-        models = {k: apply_shifts(model, shifts, nodes[:k]) for k in cands}
-        for k, m in models.items():
-            z = ort.logits(quantize(m), chunks, threads)
-            mse[k] = float(np.mean((z.astype(np.float64) - ref) ** 2))
-            prog.advance(task)
-    depth = min(cands, key=lambda k: (mse[k], k))
+        if depth is not None:  # replayed: that many layers, nothing scored
+            if not 0 <= depth <= len(nodes):
+                raise ValueError(f"{depth} layers to correct, of {len(nodes)}")
+            models = {depth: apply_shifts(model, shifts, nodes[:depth])}
+            prog.update(task, total=1, completed=1)
+        else:
+            chunks = [np.ascontiguousarray(batch[i:i + 32]) for i in range(0, len(batch), 32)]
+            ref = ort.logits(model, chunks, threads)
+            cands = sorted({0, *(round(len(nodes) * (i + 1) / depths) for i in range(depths))})
+            prog.update(task, total=2 + len(cands), completed=2, info="depth candidates")
+            models = {k: apply_shifts(model, shifts, nodes[:k]) for k in cands}
+            for k, m in models.items():
+                z = ort.logits(quantize(m), chunks, threads)
+                mse[k] = float(np.mean((z.astype(np.float64) - ref) ** 2))
+                prog.advance(task)
+            depth = min(cands, key=lambda k: (mse[k], k))
     mean_abs = [float(np.abs(shifts[n.output[0]]).mean()) for n in nodes[:depth]]
     used = [float((shifts[n.output[0]] != 0).mean()) for n in nodes[:depth]]
     return models[depth], {"layers": depth, "of_layers": len(nodes),
@@ -339,9 +346,14 @@ class BiasCorrection:
                                                ctx.threads)
         return bias_correct(state.model, ctx.cache["means"], state.rounding or None)
 
-    def _empirical(self, state: FormState, ctx: Int8Context) -> tuple[Any, dict[str, Any]]:
-        return empirical_bias_correct(state.model, lambda m: ctx.quantize(state, model=m), ctx.fit_subset(64),
-                                      ctx.threads, label=f"empirical bias correction ({state.form})")
+    def _empirical(self, state: FormState, ctx: Int8Context, depth: int | None = None) -> tuple[Any, dict[str, Any]]:
+        try:
+            return empirical_bias_correct(state.model, lambda m: ctx.quantize(state, model=m), ctx.fit_subset(64),
+                                          ctx.threads, label=f"empirical bias correction ({state.form})", depth=depth)
+        except ValueError as e:
+            from tledge.export.int8.replay import mismatch
+            raise mismatch(f"the recorded empirical bias correction does not fit this graph ({e})",
+                           ctx.replay.source) from e
 
     def run(self, state: FormState, ctx: Int8Context) -> PassRecord:
         key = state.input_key()
@@ -355,6 +367,18 @@ class BiasCorrection:
         return rec
 
     def _run(self, state: FormState, ctx: Int8Context) -> PassRecord:
+        r = ctx.replayed(state.form)
+        if r is not None:
+            kind = r.bias.get(state.stage)
+            if kind not in ("analytic", "empirical"):
+                from tledge.export.int8.replay import mismatch
+                raise mismatch(f"it records no bias correction of the {state.form} form's {state.stage} recipe "
+                               f"({kind!r})", ctx.replay.source)
+            model, details = (self._analytic(state, ctx) if kind == "analytic" else
+                              self._empirical(state, ctx, depth=r.bias_layers[state.stage]))
+            state.model = model
+            return PassRecord(self.name, state.form, kind, f"replayed from {ctx.replay.source}",
+                              details={kind: details})
         mode = ctx.cfg.quant.bias_correction
         modes = ("analytic", "empirical") if mode == "auto" else (mode,)
         cands, details = {}, {}

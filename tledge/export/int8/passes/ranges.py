@@ -18,6 +18,10 @@ class Ranges:
         return True, "always"
 
     def run(self, state: FormState, ctx: Int8Context) -> PassRecord:
+        r = ctx.replayed(state.form)
+        if r is not None:
+            state.method = r.method
+            return PassRecord(self.name, state.form, f"method {state.method}", f"replayed from {ctx.replay.source}")
         methods = METHODS if ctx.cfg.calib.method == "auto" else (ctx.cfg.calib.method,)
         if len(methods) == 1:
             state.method = methods[0]
