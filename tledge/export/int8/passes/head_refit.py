@@ -2,7 +2,7 @@
 the INT8 backbone computes for training images (never val), so it learns the decision margins of the
 features it will really see. The FP32 model is unchanged; only the INT8 graph's head differs.
 Optionally distilled from the FP32 logits of the same images (Hinton et al. 2015, ``--refit-distill``).
-Fixed epochs, seeds and one torch thread: the same head on every machine."""
+Fixed epochs and seeds, a fixed 2 torch threads and float64 arithmetic: the same head on every x86 CPU (refit_head)."""
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -48,21 +48,27 @@ def refit_head(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, b0: np.
                temperature: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     """AdamW + cosine from the FP32 head, a fixed number of epochs (no selection on val). The loss mixes
     cross-entropy on the labels with, weighted by ``distill``, knowledge distillation towards ``teacher``,
-    the FP32 network's logits for the same images."""
+    the FP32 network's logits for the same images.
+
+    In float64, returned as float32: the same head on every x86 CPU. In float32 the head depended on the CPU's
+    vector width (torch's exp/log and matmul kernels differ in the last bits between AVX-512, AVX2 and plain
+    code): the same features gave heads 1e-7 apart and, in the demo's TensorRT form at 64 px, INT8 head weights
+    that differed. In float64 the three gave byte-identical float32 heads (benchmarks/cpu_repro.py emulates the
+    narrower CPUs). The cost is nil: a 1280 x 10 linear layer."""
     import torch
 
     if distill > 0 and teacher is None:
         raise ValueError("distillation needs the teacher's logits")
     with torch_threads():
         torch.manual_seed(seed)
-        lin = torch.nn.Linear(w0.shape[1], w0.shape[0])
+        lin = torch.nn.Linear(w0.shape[1], w0.shape[0], dtype=torch.float64)
         with torch.no_grad():
             lin.weight.copy_(torch.from_numpy(w0))
             lin.bias.copy_(torch.from_numpy(b0))
         head = torch.nn.Sequential(torch.nn.Dropout(dropout), lin)
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-        x, y = torch.from_numpy(features), torch.from_numpy(labels).long()
-        tz = torch.from_numpy(teacher.astype(np.float32)) if teacher is not None else None
+        x, y = torch.from_numpy(features).double(), torch.from_numpy(labels).long()
+        tz = torch.from_numpy(teacher).double() if teacher is not None else None
         steps = max(1, epochs * ((len(x) + batch - 1) // batch))
         k = 0
         g = torch.Generator().manual_seed(seed)
