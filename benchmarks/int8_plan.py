@@ -73,6 +73,8 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     # when judged closer), the head refit on labels
     "previous": ("previous default (analytic, refit on labels)", {"bias_correction": "analytic", "refit_distill": 0.0}),
     "cheap": ("cheap recipe only (--escalate off)", {"escalate": "off"}),
+    "cheap-nodrop": ("cheap recipe, refit without dropout (--escalate off --refit-dropout 0)",
+                     {"escalate": "off", "refit_dropout": 0.0}),
     "norefit": ("no head refit (--no-head-refit)", {"head_refit": False}),
     "norefit-cheap": ("no head refit, --escalate off", {"head_refit": False, "escalate": "off"}),
     "norefit-empirical": ("no head refit, --bias-correction empirical, --escalate off",

@@ -160,6 +160,8 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @click.option("--no-head-refit", is_flag=True, help="INT8: keep the FP32 head instead of re-fitting it on INT8 features.")
 @click.option("--refit-count", type=click.IntRange(1), default=2000, show_default=True,
               help="INT8 head refit: training images used (stratified).")
+@click.option("--refit-dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="INT8: dropout on the features in the head refit (default: the tune's own head dropout).")
 @click.option("--refit-distill", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="INT8 head refit: weight of distillation from the FP32 logits (the rest: the labels). 1 makes "
                    "the INT8 model follow the FP32 one (agreement); 0 trains the head further on the labels, which "
@@ -212,7 +214,7 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @_handle_errors
 def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: str, percentile: float, calib: str,
            calib_count: int, max_drop: float, no_fallback: bool, no_cle: bool, no_bias_correction: bool,
-           bias_correction_mode: str, no_head_refit: bool, refit_count: int, refit_distill: float, escalate: str,
+           bias_correction_mode: str, no_head_refit: bool, refit_count: int, refit_distill: float, refit_dropout: float | None, escalate: str,
            target_agreement: float, adaround: bool, adaround_iters: int, adaround_layers: int, qat: str,
            qat_steps: int, qat_batch: int, qat_lr: float, qat_scales: str, qat_mix: float, replay: Path | None, engine: str | None, batch: str, workspace: int, dla_core: int | None, timing_cache: Path | None,
            input_kind: str, input_dtype: str, opset: int, simplify: bool, threads: int | None) -> None:
@@ -228,6 +230,7 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
         quant=Int8Config(forms=forms or ("tensorrt", "cpu"), cle=not no_cle,
                          bias_correction="off" if no_bias_correction else bias_correction_mode,
                          head_refit=not no_head_refit, refit_count=refit_count, refit_distill=refit_distill,
+                         refit_dropout=refit_dropout,
                          escalate=escalate, target_agreement=target_agreement, adaround=adaround,
                          adaround_iters=adaround_iters, adaround_layers=adaround_layers, qat=qat,
                          qat_steps=qat_steps, qat_batch=qat_batch, qat_lr=qat_lr, qat_scales=qat_scales,

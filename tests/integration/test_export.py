@@ -206,6 +206,7 @@ def test_require_tensorrt_names_jetpack() -> None:
 @pytest.mark.parametrize("kw, match", [
     ({"bias_correction": "emprical"}, "unknown bias correction mode 'emprical'; choices"),
     ({"refit_distill": 1.5}, "not a weight between 0 and 1"),
+    ({"refit_dropout": 1.0}, r"--refit-dropout 1.0 is not a dropout rate in \[0, 1\)"),
     ({"adaround_iters": 0}, "--adaround-iters 0 is not a positive count"),
     ({"escalate": "sometimes"}, "unknown --escalate mode 'sometimes'; choices: auto, on, off"),
     ({"target_agreement": 1.5}, r"--target-agreement 1.5 is not in \(0, 1\]"),

@@ -43,6 +43,7 @@ class Int8Config:
     # (With analytic correction, distilling had cost 0.55 pt of top-1.) The INT8 figure is also reported against
     # an FP32 model given the same refit (quantization alone; issue 15 item 9).
     refit_distill: float = 1.0
+    refit_dropout: float | None = None  # dropout on the features in the refit (None: the tune's own head dropout)
     adaround: bool = True               # learned weight rounding allowed in the expensive recipe
     adaround_iters: int = 2000          # iterations per learned layer (AdaRound paper: ~10k at batch 32)
     adaround_layers: int = 16           # at most this many layers learned, the costliest first
@@ -124,6 +125,9 @@ class ExportConfig:
         if q.escalate not in ESCALATION_MODES:
             raise UsageError(f"unknown --escalate mode '{q.escalate}'; choices: {', '.join(ESCALATION_MODES)}.",
                              "pass one of them to --escalate.")
+        if q.refit_dropout is not None and not 0.0 <= q.refit_dropout < 1.0:
+            raise UsageError(f"--refit-dropout {q.refit_dropout} is not a dropout rate in [0, 1).",
+                             "pass e.g. --refit-dropout 0.")
         if not 0.0 <= q.refit_distill <= 1.0:
             raise UsageError(f"--refit-distill {q.refit_distill} is not a weight between 0 and 1.",
                              "pass 0 (labels only) to 1 (FP32 logits only).")

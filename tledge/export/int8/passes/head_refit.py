@@ -148,8 +148,10 @@ def refit_recipe(ctx: Int8Context) -> tuple[int, dict[str, Any]]:
     learning rate, seed), for at least 10 epochs."""
     tr = ctx.card["training"]["config"]
     epochs = max(10, int(ctx.card["training"]["head"].get("best_epoch") or 30))
+    dropout = ctx.cfg.quant.refit_dropout
     return epochs, {"weight_decay": tr.get("weight_decay", 1e-4), "label_smoothing": tr.get("label_smoothing", 0.1),
-                    "dropout": ctx.card["head"].get("dropout", 0.2), "lr": tr.get("lr", 1e-3), "seed": tr.get("seed", 0)}
+                    "dropout": ctx.card["head"].get("dropout", 0.2) if dropout is None else dropout,
+                    "lr": tr.get("lr", 1e-3), "seed": tr.get("seed", 0)}
 
 
 def fp32_refit_logits(ctx: Int8Context, evalset: EvalSet) -> np.ndarray | None:
