@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from tledge.fsutil import sha256_file as sha
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PY, RESULTS, ROOT, machine, run_child, save  # noqa: E402
 
@@ -51,14 +53,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
 }
 INT8 = {"tensorrt": "model.int8.trt.onnx", "cpu": "model.int8.cpu.onnx"}
-
-
-def sha(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tree_sha(root: Path, pattern: str) -> str:
