@@ -161,7 +161,8 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @click.option("--refit-count", type=click.IntRange(1), default=2000, show_default=True,
               help="INT8 head refit: training images used (stratified).")
 @click.option("--refit-dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="INT8: dropout on the features in the head refit (default: the tune's own head dropout).")
+              help="INT8: dropout on the features in the head refit (default: the tune's head dropout x (1 - "
+                   "--refit-distill): none for the default distilled refit).")
 @click.option("--refit-distill", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="INT8 head refit: weight of distillation from the FP32 logits (the rest: the labels). 1 makes "
                    "the INT8 model follow the FP32 one (agreement); 0 trains the head further on the labels, which "

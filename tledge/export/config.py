@@ -43,7 +43,12 @@ class Int8Config:
     # (With analytic correction, distilling had cost 0.55 pt of top-1.) The INT8 figure is also reported against
     # an FP32 model given the same refit (quantization alone; issue 15 item 9).
     refit_distill: float = 1.0
-    refit_dropout: float | None = None  # dropout on the features in the refit (None: the tune's own head dropout)
+    # Dropout on the features in the refit. None: the tune's head dropout x (1 - refit_distill), so 0 for the default
+    # fully distilled refit, whose target is FP32's exact logits: with the tune's 0.2 the refit drifted even on FP32
+    # features (val -0.4 pt mobilenet_v2 112 px, -0.9 pt efficientnet_lite0 112 px; 0.0 without), and
+    # efficientnet_lite0 at 224 px failed the 1.0 pt gate (TensorRT form 1.20 pt on val) where without dropout it
+    # lost 0.36 / 0.15 pt on the test images at 97.6 / 97.8% agreement (benchmarks/results/int8_plan_zen4_dropout_*).
+    refit_dropout: float | None = None
     adaround: bool = True               # learned weight rounding allowed in the expensive recipe
     adaround_iters: int = 2000          # iterations per learned layer (AdaRound paper: ~10k at batch 32)
     adaround_layers: int = 16           # at most this many layers learned, the costliest first

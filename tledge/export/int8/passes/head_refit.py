@@ -144,13 +144,16 @@ def _train_fp32(ctx: Int8Context) -> tuple[np.ndarray | None, np.ndarray]:
 
 
 def refit_recipe(ctx: Int8Context) -> tuple[int, dict[str, Any]]:
-    """Epochs and options of the refit: the tune's own head recipe (weight decay, label smoothing, dropout,
-    learning rate, seed), for at least 10 epochs."""
+    """Epochs and options of the refit: the tune's own head recipe (weight decay, label smoothing, dropout scaled
+    by the label share of the loss unless --refit-dropout, learning rate, seed), for at least 10 epochs."""
     tr = ctx.card["training"]["config"]
     epochs = max(10, int(ctx.card["training"]["head"].get("best_epoch") or 30))
-    dropout = ctx.cfg.quant.refit_dropout
+    q = ctx.cfg.quant
+    # the label part of the loss keeps the tune's regularisation; a distilled refit's target is FP32's exact logits
+    dropout = ctx.card["head"].get("dropout", 0.2) * (1 - q.refit_distill) if q.refit_dropout is None \
+        else q.refit_dropout
     return epochs, {"weight_decay": tr.get("weight_decay", 1e-4), "label_smoothing": tr.get("label_smoothing", 0.1),
-                    "dropout": ctx.card["head"].get("dropout", 0.2) if dropout is None else dropout,
+                    "dropout": dropout,
                     "lr": tr.get("lr", 1e-3), "seed": tr.get("seed", 0)}
 
 
