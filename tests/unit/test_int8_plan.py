@@ -132,3 +132,12 @@ def test_a_replay_escalates_and_keeps_as_recorded(escalate: bool, kept: str) -> 
     assert record["kept"] == kept and ("expensive" in record) is escalate
     assert state.model == (0.5 if kept == "expensive" else 1.0)
     assert ctx.scored == [1.0]  # the cheap recipe's check only (recorded): no recipe was judged
+
+
+@pytest.mark.parametrize("kept, escalate", [("cheapest", True), ("expensive", False)])
+def test_a_replayed_manifest_with_an_impossible_recipe_is_refused(kept: str, escalate: bool) -> None:
+    from tledge.errors import UsageError
+    from tledge.export.int8.replay import _form
+    rec = {"cheap": [{"name": "ranges", "decision": "method minmax"}], "check": {"escalate": escalate}, "kept": kept}
+    with pytest.raises(UsageError, match="incomplete"):
+        _form(rec, {}, "m.json")

@@ -75,6 +75,8 @@ def _form(rec: dict[str, Any], gate: dict[str, Any], where: str) -> FormDecision
                 rounding = passes["learned_rounding"]["decision"]
         if method is None:
             raise KeyError("ranges")
+        if rec["kept"] not in ("cheap", "expensive") or (rec["kept"] == "expensive" and not rec["check"]["escalate"]):
+            raise ValueError(f"kept recipe {rec['kept']!r} (escalated: {rec['check']['escalate']})")
         return FormDecisions(method=method, bias=bias, bias_layers=layers, escalate=bool(rec["check"]["escalate"]),
                              rounding=rounding, kept=rec["kept"], kept_float=tuple(gate.get("kept_float", ())))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
