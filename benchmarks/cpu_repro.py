@@ -71,19 +71,17 @@ def child(args: list[str], env: dict[str, str]) -> float:
     return r["wall_s"]
 
 
-def decisions(run: Path) -> dict[str, Any]:
+def decisions(i8: dict[str, Any]) -> dict[str, Any]:
     """The export's decisions, without the scores and seconds that come with them."""
-    m = json.loads((run / "export_manifest.json").read_text())
-    i8 = m["int8"]
     out: dict[str, Any] = {}
     for form, rec in i8["forms"].items():
         d: dict[str, Any] = {}
         for stage in ("cheap", "expensive"):
             for r in rec.get(stage, []):
-                # a decision's text without its numbers: "method percentile", "empirical", "re-fitted ... N epochs"
-                d[f"{stage}/{r['name']}"] = re.sub(r"\(.*", "", r["decision"]).strip()
-                if r["name"] == "head_refit":
-                    d[f"{stage}/head_refit"] = r["decision"]
+                # a decision's text without the scores in brackets ("method percentile", "empirical"); the
+                # refit's whole text ("re-fitted on N images, E epochs")
+                d[f"{stage}/{r['name']}"] = (r["decision"] if r["name"] == "head_refit"
+                                             else re.sub(r"\(.*", "", r["decision"]).strip())
         d["escalated"] = rec["check"]["escalate"]
         d["kept"] = rec["kept"]
         d["kept_float"] = i8["gate"][form]["kept_float"]
@@ -91,9 +89,8 @@ def decisions(run: Path) -> dict[str, Any]:
     return out
 
 
-def figures(run: Path) -> dict[str, Any]:
+def figures(i8: dict[str, Any]) -> dict[str, Any]:
     """What the export measured: each form's judge-image agreement and val drop."""
-    i8 = json.loads((run / "export_manifest.json").read_text())["int8"]
     return {form: {"judge_agreement": rec["check"]["agreement"], "judge_mse": rec["check"]["mse"],
                    "val_drop_points": i8["gate"][form]["final"]["drop_points"]} for form, rec in i8["forms"].items()}
 
@@ -108,8 +105,8 @@ def fingerprint(run: Path, cache: Path | None) -> dict[str, Any]:
         fp["calib_stats"] = tree_sha(run / "calib", "stats-*.npz")
         for form, f in INT8.items():
             fp[f] = sha(run / f)
-        fp["decisions"] = decisions(run)
-        fp["figures"] = figures(run)
+        i8 = json.loads((run / "export_manifest.json").read_text())["int8"]
+        fp["decisions"], fp["figures"] = decisions(i8), figures(i8)
     return fp
 
 

@@ -52,17 +52,13 @@ class Replay:
         return {"source": self.source, "forms": {f: asdict(d) for f, d in self.forms.items()}}
 
 
-def _stage_decisions(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {r["name"]: r for r in records}
-
-
 def _form(rec: dict[str, Any], gate: dict[str, Any], where: str) -> FormDecisions:
     try:
         bias, layers = {}, {}
         method = None
         rounding = "skipped"
         for stage in ("cheap", "expensive"):
-            passes = _stage_decisions(rec.get(stage, []))
+            passes = {r["name"]: r for r in rec.get(stage, [])}
             if "ranges" in passes and method is None:
                 method = passes["ranges"]["decision"].removeprefix("method ").strip()
             if "bias_correction" in passes:
