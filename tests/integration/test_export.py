@@ -75,9 +75,11 @@ def test_calibration_never_uses_val_images(run: Path) -> None:
         run_export(run, export_cfg(calib={"source": str(Path(card["dataset"]["root"]) / "val")}))
 
 
-def _sabotaged(run: Path, max_drop: float, fallback: bool = True, shrink: float = 50.0) -> tuple:
+def _sabotaged(run: Path, max_drop: float, fallback: bool = True, shrink: float = 50.0, head_refit: bool = False
+               ) -> tuple:
     """Real statistics, except one early convolution's input range shrunk ``shrink`` x (as a bad calibration
-    set would): the gate must find that quantizer and keep it in float. ``shrink`` 1: no sabotage."""
+    set would): the gate must find that quantizer and keep it in float. ``shrink`` 1: no sabotage.
+    ``head_refit``: the plan re-fits the head (on 300 of the run's training images)."""
     import torch
     from tledge.export import onnx as onnx_io
     from tledge.model import load_classifier
@@ -100,8 +102,9 @@ def _sabotaged(run: Path, max_drop: float, fallback: bool = True, shrink: float 
     ev = EvalSet(rep.val, pre)
     with torch.no_grad():
         ref = run_logits(lambda b: model(torch.from_numpy(b)).numpy(), ev)
-    ctx = Int8Context(export_cfg(max_drop=max_drop, fallback=fallback), base=fp32, judge=x[:64], fit=x[64:],
-                      calib_batches=[x], card=card, train_samples=[], stats=stats)
+    ctx = Int8Context(export_cfg(max_drop=max_drop, fallback=fallback, head_refit=head_refit, refit_count=300),
+                      base=fp32, judge=x[:64], fit=x[64:], calib_batches=[x], card=card,
+                      train_samples=list(rep.train) if head_refit else [], stats=stats)
     ctx.set_reference()
     return ctx, ev, ref, victim_node.input[0]
 
@@ -117,9 +120,42 @@ def test_accuracy_gate_passes_and_falls_back(run: Path, form: str) -> None:
     quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
     assert victim not in quantized and len(quantized) > 40
     # a generous limit passes with nothing kept in float
-    ctx.cfg = export_cfg(max_drop=100.0)
+    ctx.cfg = export_cfg(max_drop=100.0, head_refit=False)
     _, rep2 = gate(ctx, FormState(form, ctx.base, method="minmax"), ev, ref)
     assert rep2["kept_float"] == [] and rep2["steps"] == []
+
+
+def test_gate_fallback_refits_the_head_for_each_candidate(run: Path) -> None:
+    """With a re-fitted head, each fallback step re-fits it on the features of the graph with those quantizers
+    in float (the head fitted to the fully quantized backbone is the wrong one for them), from the head the
+    plan fitted, with the plan's recipe; the kept state carries that head."""
+    from tledge.export.int8.passes.head_refit import (HeadRefit, features_through, head_gemm, head_weights,
+                                                       refit_head, refit_recipe, train_images,
+                                                       train_teacher_logits, with_head)
+    ctx, ev, ref, victim = _sabotaged(run, 2.0, head_refit=True)
+    try:
+        state = FormState("tensorrt", ctx.base, method="minmax")
+        assert HeadRefit().run(state, ctx).decision.startswith("head re-fitted")
+        gemm = head_gemm(state.model)
+        w_plan, b_plan = head_weights(state.model, gemm)
+        q, report = gate(ctx, state, ev, ref)
+        assert report["initial"]["drop_points"] > 2.0, "the sabotage must hurt for this test to mean anything"
+        assert victim in report["kept_float"] and report["final"]["drop_points"] <= 2.0
+        assert report["steps"] and all(s["head_refit"] for s in report["steps"])
+        assert state.float_tensors == tuple(report["kept_float"])
+        # the kept head is the plan's head re-fitted on the features of the kept graph: reproduce it
+        kept = state.copy(model=with_head(state.model, gemm, w_plan, b_plan))
+        train = train_images(ctx)
+        feats, = features_through(ctx.quantize(kept), [gemm.input[0]], train.batches(32), ctx.threads)
+        epochs, kw = refit_recipe(ctx)
+        w, b = refit_head(feats, train.labels, w_plan, b_plan, epochs, teacher=train_teacher_logits(ctx),
+                          distill=ctx.cfg.quant.refit_distill, **kw)
+        w_kept, b_kept = head_weights(state.model, gemm)
+        assert np.array_equal(w_kept, w) and np.array_equal(b_kept, b)
+        assert not np.array_equal(w_kept, w_plan)
+    finally:
+        if "train" in ctx.cache:
+            ctx.cache["train"].close()
 
 
 @pytest.mark.parametrize("form", ["cpu", "tensorrt"], ids=["cpu_form", "trt_form"])

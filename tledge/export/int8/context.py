@@ -58,12 +58,12 @@ class FormState:
     act_qparams: dict[str, tuple[float, int]] = field(default_factory=dict)  # learned (scale, zero-point) (QAT)
     stage: str = "cheap"                         # the recipe being built: cheap | expensive (what --replay looks up)
 
-    def input_key(self) -> tuple[str, str, str, str]:
-        """What a pass's result depends on (form, ranges, rounding, graph): passes that see the same key again
-        reuse their earlier result."""
+    def input_key(self) -> tuple[str, str, str, str, tuple[str, ...]]:
+        """What a pass's result depends on (form, ranges, rounding, graph, quantizers kept in float): passes
+        that see the same key again reuse their earlier result."""
         import hashlib
         return (self.form, self.method, self.rounding_name,
-                hashlib.sha256(self.model.SerializeToString(deterministic=True)).hexdigest())
+                hashlib.sha256(self.model.SerializeToString(deterministic=True)).hexdigest(), self.float_tensors)
 
     def copy(self, **changes: Any) -> "FormState":
         d = {**self.__dict__, **changes}
