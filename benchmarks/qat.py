@@ -10,7 +10,7 @@ torch fake-quant network computes (torch_match): end to end on the first 2,000 t
 agreement of onnxruntime's optimised and reference sessions of the same graph (ort_floor), and node by node.
 
 Usage: python benchmarks/qat.py [--backbones mobilenet_v2,efficientnet_lite0] [--sizes 112] [--steps 300]
-        [--scales fixed,learned] [--out qat]
+        [--scales fixed,learned] [--lrs 1e-5,3e-5] [--form both|tensorrt|cpu] [--no-ptq] [--out qat]
 Writes benchmarks/results/<out>.json (qat.json by default), after every export.
 """
 from __future__ import annotations
@@ -61,11 +61,14 @@ def torch_match(path: Path, ev, n: int = 2000) -> dict:
 
 
 def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, tmp: Path, done: list,
-          out: str) -> dict:
+          out: str, lrs: list[str] | None = None, forms: tuple[str, ...] = ("tensorrt", "cpu"), ptq: bool = True) -> dict:
     base, _, ev, ref = tuned_reference(name, size, test_dir, tmp)
     rows, detail = [], {}
-    configs = [("PTQ default", [])] + [(f"QAT {s} scales", ["--qat", "--qat-steps", str(steps), "--qat-scales", s])
-                                       for s in scales]
+    only = [] if len(forms) == 2 else ["--form", forms[0]]
+    configs = ([("PTQ default", only)] if ptq else []) + [
+        (f"QAT {s} scales" + (f" lr {lr}" if lr else ""),
+         ["--qat", "--qat-steps", str(steps), "--qat-scales", s, *(["--qat-lr", lr] if lr else []), *only])
+        for s in scales for lr in (lrs or [""])]
     for label, extra in configs:
         run = tmp / f"{base.name}-{len(detail)}"
         shutil.copytree(base, run)
@@ -79,7 +82,7 @@ def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, t
                          "qat_s": qat_s, "qat_records": {f: {k: rec["qat"][k] for k in ("decision", "details")}
                                                          for f, rec in m["int8"]["forms"].items() if "qat" in rec},
                          "kept_float": {f: g["kept_float"] for f, g in m["int8"]["gate"].items()}}
-        for form in ("tensorrt", "cpu"):
+        for form in forms:
             f = run / f"model.int8.{'trt' if form == 'tensorrt' else 'cpu'}.onnx"
             match = torch_match(f, ev)
             release_memory()  # its ~10 GB at 224 px would otherwise stay resident beside the next export child
@@ -102,6 +105,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="112")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--scales", default="fixed,learned")
+    ap.add_argument("--lrs", default="", help="QAT learning rates to try (comma list; default: tledge's --qat-lr)")
+    ap.add_argument("--form", default="both", choices=["both", "tensorrt", "cpu"], help="INT8 forms to export")
+    ap.add_argument("--no-ptq", action="store_true", help="skip the PTQ default export (QAT rows only)")
     ap.add_argument("--out", default="qat", help="results file name under benchmarks/results (no .json)")
     args = ap.parse_args()
     import os
@@ -114,7 +120,9 @@ def main() -> None:
         test_dir = make_testset(tmp / "fashion-test10k")
         for size in (int(s) for s in args.sizes.split(",")):
             for name in args.backbones.split(","):
-                r = bench(name, size, args.steps, args.scales.split(","), test_dir, tmp, results, args.out)
+                r = bench(name, size, args.steps, args.scales.split(","), test_dir, tmp, results, args.out,
+                          [x for x in args.lrs.split(",") if x],
+                          ("tensorrt", "cpu") if args.form == "both" else (args.form,), not args.no_ptq)
                 results.append(r)
                 print(f"\n== {name} @ {size}px, {r['test_images']} test images: PyTorch FP32 top-1 {r['torch_top1']:.4f}")
                 print(table(r["rows"], ["config", "form", "top1", "drop_pt", "agreement", "val_drop_pt", "qat_s",
