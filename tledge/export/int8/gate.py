@@ -201,7 +201,8 @@ def _refit_for(ctx: Int8Context, state: FormState) -> bool:
     re-fits heads (in place; the same images, recipe and seed as the head_refit pass, starting from the head
     that pass fitted). Whether it did."""
     from tledge.export.int8.passes.head_refit import HeadRefit
-    on, _ = HeadRefit().enabled(ctx.cfg)
+    refit = HeadRefit()
+    on, _ = refit.enabled(ctx.cfg)
     if not on or state.rounding_name == "qat":  # QAT trained the head through the quantizers; its artefact is saved
         return False
-    return HeadRefit().run(state, ctx).decision.startswith("head re-fitted")
+    return refit.run(state, ctx).decision.startswith("head re-fitted")
