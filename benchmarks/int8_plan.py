@@ -71,7 +71,8 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "labels": ("refit on labels (--refit-distill 0)", {"refit_distill": 0.0}),
     # the default of 939ae2c: analytic correction in the cheap recipe (empirical only when escalating, and kept
     # when judged closer), the head refit on labels
-    "previous": ("previous default (analytic, refit on labels)", {"bias_correction": "analytic", "refit_distill": 0.0}),
+    "previous": ("previous default (analytic, refit on labels)", {"bias_correction": "analytic", "refit_distill": 0.0,
+                                                              "centre": "off"}),
     "cheap": ("cheap recipe only (--escalate off)", {"escalate": "off"}),
     "cheap-nodrop": ("cheap recipe, refit without dropout (--escalate off --refit-dropout 0)",
                      {"escalate": "off", "refit_dropout": 0.0}),
@@ -81,12 +82,15 @@ CONFIGS: dict[str, tuple[str, dict]] = {
                           {"head_refit": False, "bias_correction": "empirical", "escalate": "off"}),
     "refit-empirical": ("head refit, --bias-correction empirical, --escalate off",
                         {"bias_correction": "empirical", "escalate": "off"}),
+    # centring of the TensorRT form's ReLU6 quantizers (--centre; the default is exact)
+    "centre-off": ("no centring (--centre off)", {"centre": "off"}),
+    "centre-padded": ("centring with Pad nodes (--centre padded)", {"centre": "padded"}),
     # the fixed cost of a tledge INT8 export, every technique off: ONNX export and its check against PyTorch on
     # val, calibration statistics, MinMax ranges, quantizing and the val measurement of both forms (no fallback:
     # --max-drop 100), i.e. what quantize_static does plus the checks every tledge export makes
     "floor": ("floor: every technique off (minmax, no correction, no refit, --escalate off, no fallback)",
               {"calib_method": "minmax", "bias_correction": "off", "head_refit": False, "escalate": "off",
-               "cle": False, "max_drop": 100.0}),
+               "cle": False, "centre": "off", "max_drop": 100.0}),
 }
 
 

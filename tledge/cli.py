@@ -168,6 +168,11 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
                    "the INT8 model follow the FP32 one (agreement); 0 trains the head further on the labels, which "
                    "can raise top-1 past FP32's; the export also reports the drop against an FP32 model given the "
                    "same refit (quantization alone).")
+@click.option("--centre", type=click.Choice(["off", "exact", "padded"]), default="exact", show_default=True,
+              help="INT8 TensorRT form: quantize ReLU6 outputs centred on their range, all 255 levels instead of the "
+                   "128 a symmetric quantizer leaves a non-negative tensor, by moving constants between biases "
+                   "(exact: where the graph needs no new node; padded: also before padded convolutions, through a "
+                   "Pad node each, whose cost on the device is not measured: check it with tledge bench there).")
 @click.option("--escalate", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="INT8: run the expensive passes (learned rounding, then the cheap passes on it) when the cheap "
                    "recipe misses --target-agreement (auto), always (on) or never (off).")
@@ -215,8 +220,8 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @_handle_errors
 def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: str, percentile: float, calib: str,
            calib_count: int, max_drop: float, no_fallback: bool, no_cle: bool, no_bias_correction: bool,
-           bias_correction_mode: str, no_head_refit: bool, refit_count: int, refit_distill: float, refit_dropout: float | None, escalate: str,
-           target_agreement: float, adaround: bool, adaround_iters: int, adaround_layers: int, qat: str,
+           bias_correction_mode: str, no_head_refit: bool, refit_count: int, refit_distill: float, refit_dropout: float | None, centre: str,
+           escalate: str, target_agreement: float, adaround: bool, adaround_iters: int, adaround_layers: int, qat: str,
            qat_steps: int, qat_batch: int, qat_lr: float, qat_scales: str, qat_mix: float, replay: Path | None, engine: str | None, batch: str, workspace: int, dla_core: int | None, timing_cache: Path | None,
            input_kind: str, input_dtype: str, opset: int, simplify: bool, threads: int | None) -> None:
     """Export RUN as ONNX (checked against PyTorch), FP16/INT8 graphs and TensorRT engines."""
@@ -231,7 +236,7 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
         quant=Int8Config(forms=forms or ("tensorrt", "cpu"), cle=not no_cle,
                          bias_correction="off" if no_bias_correction else bias_correction_mode,
                          head_refit=not no_head_refit, refit_count=refit_count, refit_distill=refit_distill,
-                         refit_dropout=refit_dropout,
+                         refit_dropout=refit_dropout, centre=centre,
                          escalate=escalate, target_agreement=target_agreement, adaround=adaround,
                          adaround_iters=adaround_iters, adaround_layers=adaround_layers, qat=qat,
                          qat_steps=qat_steps, qat_batch=qat_batch, qat_lr=qat_lr, qat_scales=qat_scales,

@@ -103,9 +103,10 @@ def test_bias_correction_removes_each_layers_mean_output_error(default_run_64: P
     assert after < 0.05 * before
 
 
-@pytest.mark.parametrize("form", ["tensorrt", "cpu"], ids=["trt_form", "cpu_form"])  # no "tensorrt" keyword:
+@pytest.mark.parametrize("form,centre", [("tensorrt", "off"), ("tensorrt", "padded"), ("cpu", "off")],
+                         ids=["trt_form", "trt_form_centred", "cpu_form"])  # no "tensorrt" keyword:
 def test_empirical_bias_correction_removes_the_int8_networks_mean_shift(default_run_64: Path, tmp_path: Path,
-                                                                       form: str) -> None:
+                                                                       form: str, centre: str) -> None:
     """Measured in the quantized network itself (activations quantized too): every layer's per-channel
     output shift against FP32 on the calibration images falls, and so does the logits' mean error."""
     run = copy_run(default_run_64, tmp_path / "run")
@@ -117,7 +118,7 @@ def test_empirical_bias_correction_removes_the_int8_networks_mean_shift(default_
     stats = cal.collect(fp32, activation_tensors(fp32), batches)
 
     def quantize(m):
-        return quantize_model(m, stats, form, "mse")
+        return quantize_model(m, stats, form, "mse", centre=centre)
 
     # the corrections at full depth: every layer's shift falls, and so does the logits' mean error
     shifts = bc_mod.empirical_shifts(fp32, quantize(fp32), x)
@@ -248,3 +249,64 @@ def test_plan_records_every_pass_and_switches_off(default_run_64: Path, tmp_path
         assert [r["decision"] for r in rec["cheap"][1:]] == ["skipped", "skipped"] and rec["kept"] == "cheap"
     assert check_tensorrt_qdq(onnx.load(str(run / "model.int8.trt.onnx"))) == []
     assert read_json(run / "export_manifest.json")["config"]["quant"]["cle"] is False
+
+
+def _without_activation_qdq(q: onnx.ModelProto) -> onnx.ModelProto:
+    """``q`` with every activation Q/DQ pair removed (readers read the tensor itself): what is left of a graph made
+    with float weights is the float function it computes."""
+    from tledge.export.int8.quantize import activation_quantizers
+    m = onnx.ModelProto()
+    m.CopyFrom(q)
+    qs = activation_quantizers(m)
+    dq_of = {n.input[0]: n for n in m.graph.node if n.op_type == "DequantizeLinear"}
+    alias, drop = {}, set()
+    for n in qs:
+        alias[dq_of[n.output[0]].output[0]] = n.input[0]
+        drop |= {n.name, dq_of[n.output[0]].name}
+    keep = [n for n in m.graph.node if n.name not in drop]
+    for n in keep:
+        n.input[:] = [alias.get(i, i) for i in n.input]
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m
+
+
+def test_centred_quantizers_compute_the_same_function_on_all_255_levels(default_run_64: Path, tmp_path: Path) -> None:
+    """Centring the TensorRT form's quantizers on ReLU6 outputs (quantize.centred_tensors) moves constants between
+    biases (and, padded, into Pad nodes) so the float function is unchanged; the centred quantizers then use both
+    halves of the INT8 range, the graph stays valid TensorRT Q/DQ, and the INT8 logits come closer to FP32."""
+    from tledge.export.int8.quantize import activation_quantizers, centred_offsets
+    run = copy_run(default_run_64, tmp_path / "run")
+    card = card_mod.read(run)
+    onnx_io.export(load_classifier(run), card, run / "model.onnx")
+    fp32 = onnx.load(str(run / "model.onnx"))
+    x = _calib(card_mod.preprocess_of(card))
+    batches = [x[:32], x[32:]]
+    stats = cal.collect(fp32, activation_tensors(fp32), batches)
+    ref = ort.logits(fp32, batches, 1)
+    mse = {}
+    for mode in ("off", "exact", "padded"):
+        q = quantize_model(fp32, stats, "tensorrt", "percentile", centre=mode)
+        assert check_tensorrt_qdq(q) == []
+        offsets = centred_offsets(q)
+        n_pad = sum(n.op_type == "Pad" for n in q.graph.node)
+        # mobilenet_v2: 17 ReLU6 outputs read by a 1x1 projection (exact), 17 more by a padded depthwise conv
+        assert (len(offsets) // 2, n_pad) == {"off": (0, 0), "exact": (17, 0), "padded": (34, 17)}[mode]
+        # the float function is unchanged: the same graph with float weights and no activation quantizers is FP32
+        flat = _without_activation_qdq(quantize_model(fp32, stats, "tensorrt", "percentile", centre=mode,
+                                                      float_weights=True))
+        np.testing.assert_allclose(ort.logits(flat, batches, 1, optimize=False), ref, rtol=1e-4,
+                                   atol=1e-4 * np.abs(ref).max())
+        # a centred quantizer maps FP32's zeros to -127 and its range's top towards +127
+        qnodes = [n for n in activation_quantizers(q) if n.input[0] in offsets]
+        if qnodes:
+            sess, inp = ort.probe_session(q, [n.output[0] for n in qnodes], 1)
+            vals = sess.run([n.output[0] for n in qnodes], {inp: x})
+            assert all(int(v.min()) == -127 for v in vals)
+            assert np.median([int(v.max()) for v in vals]) > 100
+        mse[mode] = float(np.mean((ort.logits(q, batches, 1) - ref) ** 2))
+    assert mse["padded"] < mse["off"]
+    # the CPU form has a zero-point: nothing to centre
+    a = quantize_model(fp32, stats, "cpu", "percentile", centre="padded")
+    b = quantize_model(fp32, stats, "cpu", "percentile", centre="off")
+    assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)

@@ -100,6 +100,7 @@ def test_judge_and_fit_images_are_disjoint_and_fixed(n: int, judge: int) -> None
 @pytest.mark.parametrize("change, match", [
     ({"adaround_layers": 0}, "--adaround-layers 0"), ({"refit_count": 0}, "--refit-count 0"),
     ({"bias_correction": "both"}, "unknown bias correction mode 'both'"),
+    ({"centre": "all"}, "unknown --centre mode 'all'"),
 ])
 def test_bad_options_are_refused(change: dict, match: str) -> None:
     with pytest.raises(UsageError, match=match):

@@ -16,6 +16,7 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 FORM_NAMES = ("tensorrt", "cpu")
 BIAS_CORRECTION_MODES = ("auto", "analytic", "empirical", "off")
 ESCALATION_MODES = ("auto", "on", "off")
+CENTRE_MODES = ("off", "exact", "padded")   # the same as int8.quantize.CENTRE_MODES (config imports no ONNX code)
 QAT_MODES = ("off", "on", "auto")
 QAT_SCALES = ("fixed", "learned")
 
@@ -43,6 +44,10 @@ class Int8Config:
     # (With analytic correction, distilling had cost 0.55 pt of top-1.) The INT8 figure is also reported against
     # an FP32 model given the same refit (quantization alone; issue 15 item 9).
     refit_distill: float = 1.0
+    # Centring of the TensorRT form's quantizers on ReLU6 outputs (quantize.centred_tensors): off | exact (those whose
+    # readers need no padding: the graph gains no node) | padded (also those read by padded convolutions, each
+    # through a Pad node in front of the convolution, whose device cost has not been measured).
+    centre: str = "exact"
     # Dropout on the features in the refit. None: the tune's head dropout x (1 - refit_distill), so 0 for the default
     # fully distilled refit, whose target is FP32's exact logits: with the tune's 0.2 the refit drifted even on FP32
     # features (val -0.4 pt mobilenet_v2 112 px, -0.9 pt efficientnet_lite0 112 px; 0.0 without), and
@@ -130,6 +135,9 @@ class ExportConfig:
         if q.escalate not in ESCALATION_MODES:
             raise UsageError(f"unknown --escalate mode '{q.escalate}'; choices: {', '.join(ESCALATION_MODES)}.",
                              "pass one of them to --escalate.")
+        if q.centre not in CENTRE_MODES:
+            raise UsageError(f"unknown --centre mode '{q.centre}'; choices: {', '.join(CENTRE_MODES)}.",
+                             "pass one of them to --centre.")
         if q.refit_dropout is not None and not 0.0 <= q.refit_dropout < 1.0:
             raise UsageError(f"--refit-dropout {q.refit_dropout} is not a dropout rate in [0, 1).",
                              "pass e.g. --refit-dropout 0.")

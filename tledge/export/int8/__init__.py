@@ -17,7 +17,7 @@ from tledge.export.config import ExportConfig
 from tledge.export.int8.context import Int8Context
 from tledge.export.int8.gate import gate
 from tledge.export.int8.plan import Plan
-from tledge.export.int8.quantize import check_tensorrt_qdq
+from tledge.export.int8.quantize import activation_quantizers, centred_offsets, check_tensorrt_qdq
 from tledge.export.int8.samples import calibration_samples, judge_split
 from tledge.fsutil import write_json
 
@@ -62,6 +62,7 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
             q, report = gate(ctx, state, evalset, ref, rescue=rescue)
             if state.rounding_name == "qat":
                 section.setdefault("qat", {})[form] = save_qat(ctx, form, Path(dest or run))
+            record["centre"] = centre_record(ctx, state, q)
             if form == "tensorrt":
                 problems = check_tensorrt_qdq(q)
                 if problems:
@@ -84,6 +85,19 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
     section["calibration"] = {**calib_rec, "source": where}
     section["files"] = files
     return section
+
+
+def centre_record(ctx: Int8Context, state: Any, q: Any) -> dict[str, Any]:
+    """How many of the kept graph's activation quantizers are centred (--centre), said in one line."""
+    mode = ctx.centre_of(state)
+    offsets = centred_offsets(q)
+    act = [n.input[0] for n in activation_quantizers(q)]
+    centred = [t for t in act if t in offsets]
+    pads = sum(n.op_type == "Pad" and n.name.endswith("__CentrePad") for n in q.graph.node)
+    if mode != "off" and state.form == "tensorrt":
+        note(f"INT8 {state.form}: {len(centred)} of {len(act)} activation quantizers centred on their range "
+             f"(--centre {mode}{f', {pads} Pad nodes added' if pads else ''})")
+    return {"mode": mode, "centred": len(centred), "quantizers": len(act), "pad_nodes": pads}
 
 
 def run_qat(state: Any, ctx: Int8Context) -> dict[str, Any]:

@@ -57,13 +57,15 @@ class FormState:
     float_tensors: tuple[str, ...] = ()          # activation quantizers the gate removed
     act_qparams: dict[str, tuple[float, int]] = field(default_factory=dict)  # learned (scale, zero-point) (QAT)
     stage: str = "cheap"                         # the recipe being built: cheap | expensive (what --replay looks up)
+    centre: str | None = None                    # centring of symmetric quantizers (None: --centre; QAT sets "off")
 
-    def input_key(self) -> tuple[str, str, str, str, tuple[str, ...]]:
-        """What a pass's result depends on (form, ranges, rounding, graph, quantizers kept in float): passes
-        that see the same key again reuse their earlier result."""
+    def input_key(self) -> tuple[str, str, str, str, tuple[str, ...], str | None]:
+        """What a pass's result depends on (form, ranges, rounding, graph, quantizers kept in float, centring):
+        passes that see the same key again reuse their earlier result."""
         import hashlib
         return (self.form, self.method, self.rounding_name,
-                hashlib.sha256(self.model.SerializeToString(deterministic=True)).hexdigest(), self.float_tensors)
+                hashlib.sha256(self.model.SerializeToString(deterministic=True)).hexdigest(), self.float_tensors,
+                self.centre)
 
     def copy(self, **changes: Any) -> "FormState":
         d = {**self.__dict__, **changes}
@@ -124,7 +126,13 @@ class Int8Context:
             raise RuntimeError("calibration statistics are needed before quantizing")
         return quantize_model(s.model, self.stats, s.form, s.method, self.cfg.calib.percentile,
                               weight_overrides=s.rounding or None, exclude_tensors=set(s.float_tensors),
-                              act_overrides=s.act_qparams or None, float_weights=float_weights)
+                              act_overrides=s.act_qparams or None, float_weights=float_weights,
+                              centre=self.centre_of(s))
+
+    def centre_of(self, state: FormState) -> str:
+        """The centring of ``state``'s symmetric quantizers: its own when set (QAT trains the uncentred graph),
+        else --centre."""
+        return state.centre if state.centre is not None else self.cfg.quant.centre
 
     def weight_bound(self, state: FormState) -> dict[str, float]:
         """``score`` of ``state`` with its activations quantized and every weight left in FP32: learned

@@ -28,7 +28,7 @@ from tledge.errors import AccuracyError
 from tledge.evalset import EvalSet, compare
 from tledge.export import ort
 from tledge.export.int8.context import FormState, Int8Context
-from tledge.export.int8.quantize import activation_quantizers
+from tledge.export.int8.quantize import activation_quantizers, centred_offsets
 
 
 def quantizer_errors(q: Any, batches: list[np.ndarray], threads: int | None = None) -> list[tuple[str, float]]:
@@ -39,6 +39,7 @@ def quantizer_errors(q: Any, batches: list[np.ndarray], threads: int | None = No
     sites = [(t, deq[qo]) for t, qo in pairs if qo in deq]
     names = sorted({x for s in sites for x in s})
     sess, inp = ort.probe_session(q, names, threads)
+    offsets = centred_offsets(q)  # relative to the tensor's FP32 value, not its centred one
     err = {t: 0.0 for t, _ in sites}
     energy = {t: 0.0 for t, _ in sites}
     for x in batches:
@@ -46,7 +47,7 @@ def quantizer_errors(q: Any, batches: list[np.ndarray], threads: int | None = No
         for t, d in sites:
             v = vals[t].astype(np.float64)
             err[t] += float(((vals[d] - v) ** 2).sum())
-            energy[t] += float((v ** 2).sum())
+            energy[t] += float(((v + offsets.get(t, 0.0)) ** 2).sum())
     return sorted(((t, err[t] / max(energy[t], 1e-30)) for t, _ in sites), key=lambda p: (-p[1], p[0]))
 
 

@@ -159,6 +159,156 @@ def _quantizer_sites(model: Any, form: Form, qnodes: set[str], exclude_tensors: 
     return wants
 
 
+CENTRE_MODES = ("off", "exact", "padded")
+OFFSETS_KEY = "tledge.centred_offsets"
+
+
+def _const(model: Any, name: str) -> float | None:
+    """The scalar value of initializer ``name``, else None."""
+    from onnx import numpy_helper
+    for i in model.graph.initializer:
+        if i.name == name:
+            v = numpy_helper.to_array(i)
+            return float(v) if v.size == 1 else None
+    return None
+
+
+def _zero_padded(node: Any) -> bool:
+    """A Conv that reads no padding (a constant added to its input is a constant added to its output)."""
+    for a in node.attribute:
+        if a.name == "pads" and any(a.ints):
+            return False
+        if a.name == "auto_pad" and a.s not in (b"", b"NOTSET", b"VALID"):
+            return False
+    return True
+
+
+def centred_tensors(model: Any, form: Form, qnodes: set[str], wants: dict[str, list[tuple[Any, int]]],
+                    stats: dict[str, TensorStats], padded: bool = False,
+                    skip: frozenset[str] = frozenset()) -> dict[str, float]:
+    """The quantized tensors whose symmetric quantizer can be centred on their range with the network's function
+    unchanged: the non-negative output ``t`` of a Clip(0, c) (ReLU6) fed by a Conv that it alone reads, and read
+    only through its Q/DQ pair by quantized Convs at input 0 (zero-padded ones only when ``padded``).
+
+    A symmetric INT8 quantizer of a non-negative tensor uses 128 of its 255 levels (TensorRT's form has no
+    zero-point): the ReLU6 outputs of mobilenet_v2 have 7 useful bits, the largest error source of that form
+    (benchmarks/int8_error_sources.py). Centred, ``t - s`` is quantized instead, s = half the calibrated range,
+    scale s / 127: all 255 levels, and 0 maps to -127 exactly. The producer's bias and the Clip's bounds take -s;
+    each reader's bias takes + s * (sum of the weights it computes with), and a padded reader pads with -s (a Pad
+    node in front of it; its own padding set to 0), so the graph computes what it did. Values: placeholders for s.
+    ``skip``: tensors not to centre (learned scales of the uncentred form)."""
+    if not form.symmetric:
+        return {}
+    inits = {i.name for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers = consumers_of(model)
+    outputs = {o.name for o in model.graph.output}
+    out: dict[str, float] = {}
+    for t, cons in wants.items():
+        st = stats.get(t)
+        act = producer.get(t)
+        if (t in skip or st is None or not (st.min >= 0.0 < st.max) or act is None or act.op_type != "Clip"
+                or t in outputs or len(act.input) < 2 or _const(model, act.input[1]) != 0.0):
+            continue
+        if len(act.input) > 2 and act.input[2] and _const(model, act.input[2]) is None:
+            continue
+        p = producer.get(act.input[0])
+        if (p is None or not _conv_with_bias(p, inits) or len(consumers.get(act.input[0], [])) != 1
+                or act.input[0] in outputs):
+            continue
+        if len(consumers.get(t, [])) != len(cons):
+            continue  # something reads the tensor without its quantizer
+        if all(_conv_with_bias(c, inits) and c.name in qnodes and k == 0
+               and (_zero_padded(c) or (padded and _explicit_pads(c) is not None)) for c, k in cons):
+            out[t] = 0.0
+    return out
+
+
+def _conv_with_bias(node: Any, inits: set[str]) -> bool:
+    """A Conv whose weight and bias are initializers (what centring moves constants between)."""
+    return node.op_type == "Conv" and len(node.input) > 2 and node.input[1] in inits and node.input[2] in inits
+
+
+def _explicit_pads(node: Any) -> list[int] | None:
+    """A 2-D Conv's explicit pads [top, left, bottom, right], or None (auto_pad, or not 2-D)."""
+    for a in node.attribute:
+        if a.name == "auto_pad" and a.s not in (b"", b"NOTSET"):
+            return None
+    for a in node.attribute:
+        if a.name == "pads":
+            return list(a.ints) if len(a.ints) == 4 else None
+    return [0, 0, 0, 0]
+
+
+def _add_to_bias(model: Any, node: Any, delta: np.ndarray, tag: str) -> Any:
+    """A new initializer holding ``node``'s bias + ``delta``, wired into ``node`` in place of its bias."""
+    from onnx import numpy_helper
+    inits = {i.name: i for i in model.graph.initializer}
+    b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+    name = f"{node.input[2]}__{node.name}__{tag}"
+    node.input[2] = name
+    return numpy_helper.from_array((b + delta).astype(np.float32), name)
+
+
+def _apply_shifts(model: Any, shifted: dict[str, float], wants: dict[str, list[tuple[Any, int]]],
+                  read_weights: dict[str, np.ndarray], producer: dict[str, Any]) -> None:
+    """Rewrite ``model`` in place for the centred quantizers of ``centred_tensors`` (offsets s filled in)."""
+    from onnx import helper, numpy_helper
+    g = model.graph
+    for t, s in shifted.items():
+        act = producer[t]
+        p = producer[act.input[0]]
+        n_out = (read_weights[p.name].shape[0] if p.name in read_weights
+                 else next(a.dims[0] for a in g.initializer if a.name == p.input[1]))
+        g.initializer.append(_add_to_bias(model, p, np.full(n_out, -s), "centre"))
+        g.initializer.append(numpy_helper.from_array(np.array(-s, np.float32), f"{t}__centre_min"))
+        act.input[1] = f"{t}__centre_min"
+        if len(act.input) > 2 and act.input[2]:
+            g.initializer.append(numpy_helper.from_array(np.array(_const(model, act.input[2]) - s, np.float32),
+                                                         f"{t}__centre_max"))
+            act.input[2] = f"{t}__centre_max"
+        for c, _ in wants[t]:
+            pads = _explicit_pads(c)
+            if any(pads):
+                # pad with -s (the centred value of FP32's zero padding), then convolve without padding
+                g.initializer.append(numpy_helper.from_array(
+                    np.array([0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]], np.int64), f"{c.name}__centre_pads"))
+                g.initializer.append(numpy_helper.from_array(np.array(-s, np.float32), f"{c.name}__centre_value"))
+                pad = helper.make_node("Pad", [c.input[0], f"{c.name}__centre_pads", f"{c.name}__centre_value"],
+                                       [f"{c.name}__centre_padded"], name=f"{c.name}__CentrePad", mode="constant")
+                c.input[0] = f"{c.name}__centre_padded"
+                for a in c.attribute:
+                    if a.name == "pads":
+                        del a.ints[:]
+                        a.ints.extend([0, 0, 0, 0])
+                g.node.insert(list(g.node).index(c), pad)
+            w = read_weights[c.name].astype(np.float64)
+            red = tuple(range(1, w.ndim))  # Conv weights: (out, in/groups, kh, kw)
+            g.initializer.append(_add_to_bias(model, c, s * w.sum(axis=red), "uncentre"))
+
+
+def _set_offsets(model: Any, shifted: dict[str, float], producer: dict[str, Any]) -> None:
+    """Record, in ``model``'s metadata, the offset each centred tensor (and its producing Conv's output) now holds:
+    the graph's value of that tensor is FP32's minus the offset."""
+    import json
+    offsets = {}
+    for t, s in shifted.items():
+        offsets[t] = s
+        offsets[producer[t].input[0]] = s
+    entry = model.metadata_props.add()
+    entry.key, entry.value = OFFSETS_KEY, json.dumps(offsets, sort_keys=True)
+
+
+def centred_offsets(q: Any) -> dict[str, float]:
+    """Tensor -> offset of a graph made by ``quantize_model(centre=...)``: the tensor holds FP32's value minus the
+    offset (empty for an uncentred graph)."""
+    import json
+    for p in q.metadata_props:
+        if p.key == OFFSETS_KEY:
+            return {k: float(v) for k, v in json.loads(p.value).items()}
+    return {}
+
+
 def quantized_tensors(model: Any, form_name: str) -> list[str]:
     """The activation tensors the form puts a quantizer on (the ones calibration needs statistics for, and
     the candidates the accuracy gate can keep in float), in graph order."""
@@ -171,7 +321,8 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
                    percentile: float = 99.99, exclude: frozenset[str] | set[str] = frozenset(),
                    weight_overrides: dict[str, np.ndarray] | None = None,
                    exclude_tensors: frozenset[str] | set[str] = frozenset(),
-                   act_overrides: dict[str, tuple[float, int]] | None = None, float_weights: bool = False) -> Any:
+                   act_overrides: dict[str, tuple[float, int]] | None = None, float_weights: bool = False,
+                   centre: str = "off") -> Any:
     """A Q/DQ copy of ``fp32`` in the given form. ``weight_overrides`` maps a weight initializer name to
     its already-rounded INT8 values (learned rounding); scales stay the per-channel max rule. Nodes in
     ``exclude`` stay float entirely; activation tensors in ``exclude_tensors`` get no quantizer (their
@@ -179,7 +330,10 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
     activation tensor to its (scale, zero-point) when they were learned (QAT with learned scales).
     ``float_weights``: quantize the activations only (weights and biases stay FP32): learned rounding's
     ideal, whose layer-by-layer target is the FP32 output. Run such a graph with onnxruntime's optimizations off: its
-    WeightBiasQuantization transformer re-quantizes float weights per tensor."""
+    WeightBiasQuantization transformer re-quantizes float weights per tensor.
+    ``centre`` (TensorRT form; ``centred_tensors``): off | exact (the quantizers centring needs no extra node for) |
+    padded (also those read by padded convolutions, through a Pad node). The offsets are recorded in the graph's
+    metadata (``centred_offsets``)."""
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
@@ -192,6 +346,10 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
     producer = {o: n for n in g.node for o in n.output}
     qnodes = set(quantizable_nodes(model, form)) - set(exclude)
     wants = _quantizer_sites(model, form, qnodes, exclude_tensors)
+    if centre not in CENTRE_MODES:
+        raise ValueError(f"unknown centre mode {centre!r}; choices: {', '.join(CENTRE_MODES)}")
+    shifted = (centred_tensors(model, form, qnodes, wants, stats, centre == "padded",
+                               frozenset(act_overrides or ())) if centre != "off" else {})
 
     new_inits: list[Any] = []
     qdq_after: dict[str, list[Any]] = {}   # producer output -> nodes to emit right after it
@@ -201,8 +359,14 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
     for t, cons in wants.items():
         if t not in stats:
             raise KeyError(f"no calibration statistics for tensor {t!r}")
-        scale, zp = (act_overrides[t] if act_overrides and t in act_overrides
-                     else _act_qparams(stats[t], form, method, percentile))
+        if act_overrides and t in act_overrides:
+            scale, zp = act_overrides[t]
+        elif t in shifted:
+            _, hi = compute_range(stats[t], method, False, percentile)
+            scale, zp = max(hi, 1e-8) / 254.0, 0
+            shifted[t] = scale * 127.0
+        else:
+            scale, zp = _act_qparams(stats[t], form, method, percentile)
         act_scale[t] = scale
         s_name, z_name = f"{t}__scale", f"{t}__zp"
         new_inits.append(numpy_helper.from_array(np.array(scale, np.float32), s_name))
@@ -214,17 +378,22 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
             node.input[k] = f"{t}__dq"
 
     # 2. weights (per-channel) and, for the CPU form, int32 bias
+    read_weights: dict[str, np.ndarray] = {}   # consumer of a shifted tensor -> the weights it computes with
     for n in g.node:
-        if float_weights or n.name not in qnodes or n.op_type not in WEIGHTED:
+        if n.name not in qnodes or n.op_type not in WEIGHTED:
             continue
         wname = n.input[1]
         w = numpy_helper.to_array(inits[wname]).astype(np.float32)
         axis = weight_axis(n)
+        if float_weights:
+            read_weights[n.name] = w
+            continue
         if weight_overrides and wname in weight_overrides:
             wq = weight_overrides[wname]
             ws = weight_scales(w, axis)
         else:
             wq, ws = quantize_weight(w, axis)
+        read_weights[n.name] = wq.astype(np.float32) * per_channel(ws, w.ndim, axis)
         base = f"{wname}__{n.name}"
         new_inits += [numpy_helper.from_array(wq, f"{base}__q"), numpy_helper.from_array(ws, f"{base}__wscale"),
                       numpy_helper.from_array(np.zeros(len(ws), np.int8), f"{base}__wzp")]
@@ -244,6 +413,10 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
                 head_nodes.append(helper.make_node("DequantizeLinear", [f"{bname}__q", f"{bname}__bscale", f"{bname}__bzp"],
                                                    [f"{bname}__dq"], name=f"{bname}__DQ", axis=0))
                 n.input[2] = f"{bname}__dq"
+
+    if shifted:
+        _apply_shifts(model, shifted, wants, read_weights, producer)
+        _set_offsets(model, shifted, producer)
 
     nodes = list(head_nodes)
     for n in g.node:

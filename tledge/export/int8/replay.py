@@ -80,6 +80,10 @@ def _form(rec: dict[str, Any], gate: dict[str, Any], where: str) -> FormDecision
                          f"pass the export_manifest.json an INT8 export wrote, unedited, or {FIX}.") from e
 
 
+# options that manifests written before them lack, and what those exports did
+OLDER_DEFAULTS = {("quant", "centre"): "off"}
+
+
 def load(path: str | Path, ckpt_sha: str, cfg: ExportConfig) -> Replay:
     """Read and check ``path`` (an export_manifest.json, or a run directory holding one) for replaying into an
     export of the checkpoint ``ckpt_sha`` with ``cfg``. Raises UsageError, naming the file and the fix."""
@@ -113,7 +117,7 @@ def load(path: str | Path, ckpt_sha: str, cfg: ExportConfig) -> Replay:
         for k, v in current[section].items():
             if k in NOT_COMPARED.get(section, set()):
                 continue
-            r = recorded.get(section, {}).get(k)
+            r = recorded.get(section, {}).get(k, OLDER_DEFAULTS.get((section, k)))
             if (list(r) if isinstance(r, (list, tuple)) else r) != (list(v) if isinstance(v, (list, tuple)) else v):
                 diffs.append(f"{section}.{k}: {r!r} recorded, {v!r} here")
     if diffs:

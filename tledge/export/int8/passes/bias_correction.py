@@ -21,7 +21,7 @@ from tledge.export.config import ExportConfig
 from tledge.export.graph import attr, consumers_of, copy_model, weighted_nodes
 from tledge.export.int8.context import FormState, Int8Context, torch_threads
 from tledge.export.int8.plan import PassRecord
-from tledge.export.int8.quantize import per_channel, quantize_weight, weight_axis
+from tledge.export.int8.quantize import centred_offsets, per_channel, quantize_weight, weight_axis
 from tledge.export.int8.select import best_of, fmt_scores
 from tledge.export.ort import probe_session
 
@@ -94,28 +94,33 @@ def linear_region(model: Any, q: Any, t: str) -> tuple[float, float]:
             if len(act.input) > 2 and act.input[2] in inits:
                 hi = float(inits[act.input[2]])
         post = act.output[0]
+    offset = centred_offsets(q).get(post, 0.0)  # a centred quantizer sees FP32's value minus its offset
     for n in q.graph.node:
         if n.op_type == "QuantizeLinear" and n.input[0] == post:
             scale, zp = float(inits[n.input[1]]), inits[n.input[2]]
             qmin, qmax = (-128, 127) if zp.dtype == np.int8 else (0, 255)
-            lo = max(lo, (qmin - float(zp)) * scale)
-            hi = min(hi, (qmax - float(zp)) * scale)
+            lo = max(lo, (qmin - float(zp)) * scale + offset)
+            hi = min(hi, (qmax - float(zp)) * scale + offset)
             break
     return lo, hi
 
 
 def masked_shifts(qs: Any, fs: Any, inp: str, outs: list[str], regions: dict[str, tuple[float, float]],
                   batches: list[np.ndarray], feeds: dict[str, np.ndarray] | None = None, min_count: int = 16,
-                  advance: Callable[[int], Any] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                  advance: Callable[[int], Any] | None = None, offsets: dict[str, float] | None = None,
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """For every layer output in ``outs`` at once (one run of each network per batch): the per-channel
     mean of (INT8 - FP32) where the FP32 value lies in its region; channels with fewer than ``min_count``
-    such values get 0. Returns {output: (shift, channel has enough values)}."""
+    such values get 0. Returns {output: (shift, channel has enough values)}. ``offsets``: the INT8 graph's
+    centred tensors (``centred_offsets``), whose values are FP32's minus the offset."""
+    offsets = offsets or {}
     sums: dict[str, Any] = {t: 0 for t in outs}
     cnts: dict[str, Any] = {t: 0 for t in outs}
     for x in batches:
         yqs = qs.run(outs, {inp: x, **(feeds or {})})
         yfs = fs.run(outs, {inp: x})
         for t, yq, yf in zip(outs, yqs, yfs):
+            yq = yq + np.float32(offsets.get(t, 0.0))
             lo, hi = regions[t]
             mask = (yf > lo) & (yf < hi)
             axes = tuple(i for i in range(yf.ndim) if i != 1)
@@ -137,7 +142,8 @@ def layer_shifts(fp32: Any, q: Any, batches: list[np.ndarray], threads: int | No
     qs, inp = probe_session(q, outs, threads)
     fs, _ = probe_session(fp32, outs, threads)
     regions = {t: linear_region(fp32, q, t) for t in outs}
-    return {t: float(np.abs(d).mean()) for t, (d, _) in masked_shifts(qs, fs, inp, outs, regions, batches).items()}
+    return {t: float(np.abs(d).mean())
+            for t, (d, _) in masked_shifts(qs, fs, inp, outs, regions, batches, offsets=centred_offsets(q)).items()}
 
 
 # fractions of the in-region mean shift a channel may take (``correction_graph``); 0 first, so a tie keeps the bias
@@ -176,6 +182,7 @@ def correction_graph(model: Any, q: Any, min_count: int = 16) -> tuple[Any, list
     g.graph.initializer.extend(i for i in model.graph.initializer if i.name not in have)
     layers = [n.output[0] for n in weighted_nodes(model)]
     weighted = set(layers)
+    offsets = centred_offsets(q)
     consts = []
 
     def const(name: str, value: Any, dtype: Any = np.float32) -> str:
@@ -190,10 +197,13 @@ def correction_graph(model: Any, q: Any, min_count: int = 16) -> tuple[Any, list
             continue
         lo, hi = linear_region(model, q, t)
         lo, hi = max(lo, -3.0e38), min(hi, 3.0e38)
-        raw = f"{t}__raw"
+        raw = cmp = f"{t}__raw"
         n.output[0] = raw
         axes = const(f"{t}__axes", [0, 2, 3] if n.op_type == "Conv" else [0], np.int64)
         p = f"{t}__bc"
+        if t in offsets:  # a centred layer holds FP32's value minus the offset: compared with it added back
+            cmp = f"{t}__uncentred"
+            nodes.append(helper.make_node("Add", [raw, const(f"{p}_offset", offsets[t])], [cmp]))
         nodes += [
             helper.make_node("Greater", [f(t), const(f"{p}_lo", lo)], [f"{p}_gt"]),
             helper.make_node("Less", [f(t), const(f"{p}_hi", hi)], [f"{p}_lt"]),
@@ -202,7 +212,7 @@ def correction_graph(model: Any, q: Any, min_count: int = 16) -> tuple[Any, list
             # what a bias change can reach: the difference after both values are clipped to the region
             # (a value the activation or the next quantizer clips passes no change on)
             helper.make_node("Clip", [f(t), f"{p}_lo", f"{p}_hi"], [f"{p}_fc"]),
-            helper.make_node("Clip", [raw, f"{p}_lo", f"{p}_hi"], [f"{p}_qc"]),
+            helper.make_node("Clip", [cmp, f"{p}_lo", f"{p}_hi"], [f"{p}_qc"]),
             helper.make_node("Sub", [f"{p}_qc", f"{p}_fc"], [f"{p}_d"]),
             helper.make_node("Mul", [f"{p}_d", f"{p}_mf"], [f"{p}_dm"]),
             helper.make_node("ReduceSum", [f"{p}_dm", axes], [f"{p}_s"], keepdims=1),
@@ -222,7 +232,7 @@ def correction_graph(model: Any, q: Any, min_count: int = 16) -> tuple[Any, list
             e = f"{p}_e{k}"
             nodes += [
                 helper.make_node("Mul", [f"{p}_full", const(f"{e}_f", frac)], [f"{e}_sh"]),
-                helper.make_node("Sub", [raw, f"{e}_sh"], [f"{e}_y"]),
+                helper.make_node("Sub", [cmp, f"{e}_sh"], [f"{e}_y"]),
                 helper.make_node("Clip", [f"{e}_y", f"{p}_lo", f"{p}_hi"], [f"{e}_yc"]),
                 helper.make_node("Sub", [f"{e}_yc", f"{p}_fc"], [f"{e}_d"]),
                 helper.make_node("Mul", [f"{e}_d", f"{e}_d"], [f"{e}_d2"]),

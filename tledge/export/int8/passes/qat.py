@@ -375,6 +375,47 @@ def trained_tensors(net: Any, model: Any) -> dict[str, np.ndarray]:
     return out
 
 
+def uncentre(q: Any, trained: dict[str, np.ndarray], model: Any) -> None:
+    """Turn the trained biases of a centred graph (quantize_model(centre=...): each centred quantizer's producer
+    holds its bias - s, each reader its bias + s * (sum of its quantized weights)) into the float graph's, in place,
+    so that quantize_model's centring of ``model`` gives back the graph that was trained (the offsets s are the
+    calibrated ranges', which fixed-scale training keeps)."""
+    import torch
+
+    from tledge.export.graph import consumers_of
+    from tledge.export.int8.quantize import centred_offsets, weight_axis
+    offsets = centred_offsets(q)
+    if not offsets:
+        return
+    producer = {o: n for n in q.graph.node for o in n.output}
+    consumers = consumers_of(q)
+    fp = {n.name: n for n in model.graph.node}
+
+    def readers(t: str) -> list[Any]:
+        """The Convs reading ``t`` through its Q/DQ pair (and a centring Pad)."""
+        out, todo = [], [t]
+        while todo:
+            for c in consumers.get(todo.pop(), []):
+                if c.op_type in ("QuantizeLinear", "DequantizeLinear", "Pad"):
+                    todo.append(c.output[0])
+                elif c.op_type == "Conv":
+                    out.append(c)
+        return out
+
+    def add(name: str, delta: Any) -> None:
+        trained[name] = (trained[name].astype(np.float64) + delta).astype(np.float32)
+
+    for t, s in sorted(offsets.items()):
+        node = producer[t]
+        if node.op_type == "Conv":  # the producer's output: its bias took -s
+            add(fp[node.name].input[2], s)
+            continue
+        for c in readers(t):        # the centred tensor: each reader's bias took + s * sum(quantized weights)
+            f = fp[c.name]
+            w = weight_fake_quant(torch.from_numpy(trained[f.input[1]]), weight_axis(f)).numpy().astype(np.float64)
+            add(f.input[2], -s * w.sum(axis=tuple(range(1, w.ndim))))
+
+
 def write_back(net: Any, state: FormState, new: dict[str, np.ndarray]) -> None:
     """Put the trained weights and biases ``new`` (trained_tensors) and the learned activation scales into
     ``state``: its float graph then holds the trained float weights (quantize_model's nearest rounding of
@@ -458,6 +499,9 @@ class Qat:
 
         cfg = ctx.cfg.quant
         ensure_node_names(state.model)  # the Q/DQ graph's node names are the float graph's
+        if cfg.qat_scales == "learned":
+            # learned scales are written as act_overrides, which quantize_model does not centre: train what is exported
+            state.centre = "off"
         q = ctx.quantize(state)
         train = train_images(ctx)
         x_all = np.concatenate(list(train.batches(256))) if len(train) else np.zeros((0,))
@@ -554,6 +598,7 @@ class Qat:
                                 break
             net.load_state_dict(best["state"])
         trained = trained_tensors(net, state.model)
+        uncentre(q, trained, state.model)
         write_back(net, state, trained)
         ctx.cache[("qat", state.form)] = {**trained, **{f"scale:{net.act_of[k]}": np.array(float(p.detach().cpu()),
                                                                                             np.float32)
