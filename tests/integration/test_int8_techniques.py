@@ -31,6 +31,16 @@ def _calib(pre, n: int = 64) -> np.ndarray:
     return np.stack([pre(f) for f in files])
 
 
+def _demo_graph_and_stats(default_run_64: Path, tmp_path: Path) -> tuple[onnx.ModelProto, np.ndarray, dict]:
+    """The 64 px demo run's FP32 graph, 64 calibration images and their statistics (two batches)."""
+    run = copy_run(default_run_64, tmp_path / "run")
+    card = card_mod.read(run)
+    onnx_io.export(load_classifier(run), card, run / "model.onnx")
+    fp32 = onnx.load(str(run / "model.onnx"))
+    x = _calib(card_mod.preprocess_of(card))
+    return fp32, x, cal.collect(fp32, activation_tensors(fp32), [x[:32], x[32:]])
+
+
 def test_equalization_keeps_fp32_outputs_and_equalizes_ranges(tmp_path: Path) -> None:
     card = fake_card("resnet18", 64)
     torch.manual_seed(0)
@@ -109,13 +119,8 @@ def test_empirical_bias_correction_removes_the_int8_networks_mean_shift(default_
                                                                        form: str, centre: str) -> None:
     """Measured in the quantized network itself (activations quantized too): every layer's per-channel
     output shift against FP32 on the calibration images falls, and so does the logits' mean error."""
-    run = copy_run(default_run_64, tmp_path / "run")
-    card = card_mod.read(run)
-    onnx_io.export(load_classifier(run), card, run / "model.onnx")
-    fp32 = onnx.load(str(run / "model.onnx"))
-    x = _calib(card_mod.preprocess_of(card))
+    fp32, x, stats = _demo_graph_and_stats(default_run_64, tmp_path)
     batches = [x[:32], x[32:]]
-    stats = cal.collect(fp32, activation_tensors(fp32), batches)
 
     def quantize(m):
         return quantize_model(m, stats, form, "mse", centre=centre)
@@ -276,13 +281,8 @@ def test_centred_quantizers_compute_the_same_function_on_all_255_levels(default_
     biases (and, padded, into Pad nodes) so the float function is unchanged; the centred quantizers then use both
     halves of the INT8 range, the graph stays valid TensorRT Q/DQ, and the INT8 logits come closer to FP32."""
     from tledge.export.int8.quantize import activation_quantizers, centred_offsets
-    run = copy_run(default_run_64, tmp_path / "run")
-    card = card_mod.read(run)
-    onnx_io.export(load_classifier(run), card, run / "model.onnx")
-    fp32 = onnx.load(str(run / "model.onnx"))
-    x = _calib(card_mod.preprocess_of(card))
+    fp32, x, stats = _demo_graph_and_stats(default_run_64, tmp_path)
     batches = [x[:32], x[32:]]
-    stats = cal.collect(fp32, activation_tensors(fp32), batches)
     ref = ort.logits(fp32, batches, 1)
     mse = {}
     for mode in ("off", "exact", "padded"):
