@@ -258,9 +258,7 @@ def _apply_shifts(model: Any, shifted: dict[str, float], wants: dict[str, list[t
     for t, s in shifted.items():
         act = producer[t]
         p = producer[act.input[0]]
-        n_out = (read_weights[p.name].shape[0] if p.name in read_weights
-                 else next(a.dims[0] for a in g.initializer if a.name == p.input[1]))
-        g.initializer.append(_add_to_bias(model, p, np.full(n_out, -s), "centre"))
+        g.initializer.append(_add_to_bias(model, p, np.float64(-s), "centre"))
         g.initializer.append(numpy_helper.from_array(np.array(-s, np.float32), f"{t}__centre_min"))
         act.input[1] = f"{t}__centre_min"
         if len(act.input) > 2 and act.input[2]:
@@ -378,7 +376,8 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
             node.input[k] = f"{t}__dq"
 
     # 2. weights (per-channel) and, for the CPU form, int32 bias
-    read_weights: dict[str, np.ndarray] = {}   # consumer of a shifted tensor -> the weights it computes with
+    read_weights: dict[str, np.ndarray] = {}   # reader of a centred tensor -> the weights it computes with
+    readers = {c.name for t in shifted for c, _ in wants[t]}
     for n in g.node:
         if n.name not in qnodes or n.op_type not in WEIGHTED:
             continue
@@ -386,14 +385,16 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
         w = numpy_helper.to_array(inits[wname]).astype(np.float32)
         axis = weight_axis(n)
         if float_weights:
-            read_weights[n.name] = w
+            if n.name in readers:
+                read_weights[n.name] = w
             continue
         if weight_overrides and wname in weight_overrides:
             wq = weight_overrides[wname]
             ws = weight_scales(w, axis)
         else:
             wq, ws = quantize_weight(w, axis)
-        read_weights[n.name] = wq.astype(np.float32) * per_channel(ws, w.ndim, axis)
+        if n.name in readers:
+            read_weights[n.name] = wq.astype(np.float32) * per_channel(ws, w.ndim, axis)
         base = f"{wname}__{n.name}"
         new_inits += [numpy_helper.from_array(wq, f"{base}__q"), numpy_helper.from_array(ws, f"{base}__wscale"),
                       numpy_helper.from_array(np.zeros(len(ws), np.int8), f"{base}__wzp")]
