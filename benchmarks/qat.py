@@ -10,7 +10,8 @@ torch fake-quant network computes (torch_match): end to end on the first 2,000 t
 agreement of onnxruntime's optimised and reference sessions of the same graph (ort_floor), and node by node.
 
 Usage: python benchmarks/qat.py [--backbones mobilenet_v2,efficientnet_lite0] [--sizes 112] [--steps 300]
-        [--scales fixed,learned] [--lrs 1e-5,3e-5] [--form both|tensorrt|cpu] [--no-ptq] [--out qat]
+        [--scales fixed,learned] [--lrs 1e-5,3e-5] [--form both|tensorrt|cpu] [--centre exact|off|padded]
+        [--no-ptq] [--out qat]
 Writes benchmarks/results/<out>.json (qat.json by default), after every export.
 """
 from __future__ import annotations
@@ -61,10 +62,11 @@ def torch_match(path: Path, ev, n: int = 2000) -> dict:
 
 
 def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, tmp: Path, done: list,
-          out: str, lrs: list[str] | None = None, forms: tuple[str, ...] = ("tensorrt", "cpu"), ptq: bool = True) -> dict:
+          out: str, lrs: list[str] | None = None, forms: tuple[str, ...] = ("tensorrt", "cpu"), ptq: bool = True,
+          centre: str = "") -> dict:
     base, _, ev, ref = tuned_reference(name, size, test_dir, tmp)
     rows, detail = [], {}
-    only = [] if len(forms) == 2 else ["--form", forms[0]]
+    only = ([] if len(forms) == 2 else ["--form", forms[0]]) + (["--centre", centre] if centre else [])
     configs = ([("PTQ default", only)] if ptq else []) + [
         (f"QAT {s} scales" + (f" lr {lr}" if lr else ""),
          ["--qat", "--qat-steps", str(steps), "--qat-scales", s, *(["--qat-lr", lr] if lr else []), *only])
@@ -107,6 +109,8 @@ def main() -> None:
     ap.add_argument("--scales", default="fixed,learned")
     ap.add_argument("--lrs", default="", help="QAT learning rates to try (comma list; default: tledge's --qat-lr)")
     ap.add_argument("--form", default="both", choices=["both", "tensorrt", "cpu"], help="INT8 forms to export")
+    ap.add_argument("--centre", default="", choices=["", "exact", "off", "padded"],
+                    help="tledge export --centre for every export (default: tledge's)")
     ap.add_argument("--no-ptq", action="store_true", help="skip the PTQ default export (QAT rows only)")
     ap.add_argument("--out", default="qat", help="results file name under benchmarks/results (no .json)")
     args = ap.parse_args()
@@ -122,9 +126,12 @@ def main() -> None:
             for name in args.backbones.split(","):
                 r = bench(name, size, args.steps, args.scales.split(","), test_dir, tmp, results, args.out,
                           [x for x in args.lrs.split(",") if x],
-                          ("tensorrt", "cpu") if args.form == "both" else (args.form,), not args.no_ptq)
+                          ("tensorrt", "cpu") if args.form == "both" else (args.form,), not args.no_ptq,
+                          args.centre)
                 results.append(r)
-                print(f"\n== {name} @ {size}px, {r['test_images']} test images: PyTorch FP32 top-1 {r['torch_top1']:.4f}")
+                r["centre"] = args.centre or "default"
+                print(f"\n== {name} @ {size}px, {r['test_images']} test images: PyTorch FP32 top-1 {r['torch_top1']:.4f}"
+                      f", --centre {r['centre']}")
                 print(table(r["rows"], ["config", "form", "top1", "drop_pt", "agreement", "val_drop_pt", "qat_s",
                                         "export_s", "peak_mib", "torch_agreement", "torch_max_diff", "ort_floor",
                                         "node_differing"]))

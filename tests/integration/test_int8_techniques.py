@@ -310,3 +310,44 @@ def test_centred_quantizers_compute_the_same_function_on_all_255_levels(default_
     a = quantize_model(fp32, stats, "cpu", "percentile", centre="padded")
     b = quantize_model(fp32, stats, "cpu", "percentile", centre="off")
     assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+
+
+def test_centring_pads_with_minus_s_in_the_exporters_own_pad_nodes(tmp_path: Path) -> None:
+    """EfficientNet-Lite pads in the graph ("same" padding: a constant-zero Pad node, fed by the ReLU6 and by a
+    Shape chain, before each depthwise conv). Centring those quantizers needs no node: the Pad pads with -s
+    instead of 0, so --centre exact centres the depthwise inputs too, and the float function stays FP32's."""
+    from tledge.export.int8.quantize import activation_quantizers, centred_offsets
+    from tledge import backbones
+    card = fake_card("efficientnet_lite0", 64)
+    torch.manual_seed(0)
+    model = build_classifier(card).eval()  # ImageNet weights: a randomly initialised one gives the same logits for any input
+    model.backbone.load_state_dict(backbones.build_backbone(backbones.get("efficientnet_lite0"), "imagenet")[0].state_dict())
+    onnx_io.export(model, card, tmp_path / "m.onnx")
+    fp32 = onnx_io.fold_shapes(onnx.load(str(tmp_path / "m.onnx")))
+    x = np.random.default_rng(0).standard_normal((16, 3, 64, 64)).astype(np.float32)
+    batches = [x[:8], x[8:]]
+    stats = cal.collect(fp32, activation_tensors(fp32), batches)
+    ref = ort.logits(fp32, batches, 1)
+    producer = {o: n for n in fp32.graph.node for o in n.output}
+    pads = [n for n in fp32.graph.node if n.op_type == "Pad" and producer.get(n.input[0]) is not None
+            and producer[n.input[0]].op_type == "Clip"]
+    assert len(pads) == 16  # the depthwise convs of blocks 0-15 (the stem's Pad reads the input)
+    for mode in ("off", "exact", "padded"):
+        q = quantize_model(fp32, stats, "tensorrt", "percentile", centre=mode)
+        assert check_tensorrt_qdq(q) == []
+        offsets = centred_offsets(q)
+        q_producer = {o: n for n in q.graph.node for o in n.output}
+        centred = [n.input[0] for n in activation_quantizers(q) if n.input[0] in offsets]
+        by_pad = [t for t in centred if q_producer[t].op_type == "Pad"]
+        assert len(by_pad) == (0 if mode == "off" else 16)
+        assert sum(n.op_type == "Pad" for n in q.graph.node) == sum(n.op_type == "Pad" for n in fp32.graph.node)
+        for t in by_pad:  # pads with -s, the centred value of FP32's zero
+            value = next(i for i in q.graph.initializer if i.name == q_producer[t].input[2])
+            assert float(onnx.numpy_helper.to_array(value)) == pytest.approx(-offsets[t])
+        flat = _without_activation_qdq(quantize_model(fp32, stats, "tensorrt", "percentile", centre=mode,
+                                                      float_weights=True))
+        np.testing.assert_allclose(ort.logits(flat, batches, 1, optimize=False), ref, rtol=1e-4,
+                                   atol=1e-4 * np.abs(ref).max())
+        if by_pad:  # FP32's zeros (the padding among them) quantize to -127
+            sess, inp = ort.probe_session(q, [f"{t}__q" for t in by_pad], 1)
+            assert all(int(v.min()) == -127 for v in sess.run([f"{t}__q" for t in by_pad], {inp: x[:4]}))

@@ -76,11 +76,17 @@ def test_a_replay_takes_its_decisions_from_the_manifest(recorded: Path, tmp_path
     q = onnx.load(str(recorded / GRAPHS[0]))
     tensor = sorted(n.input[0] for n in activation_quantizers(q))[3]
     m0["int8"]["gate"]["tensorrt"]["kept_float"] = [tensor]
+    trt["centre"]["centred"] += 5  # as a tledge with other centring rules would have recorded
     doctored = tmp_path / "doctored.json"
     doctored.write_text(json.dumps(m0))
 
     run = copy_run(recorded, tmp_path / "run")
-    m = _export(run, "--replay", str(doctored), "--form", "tensorrt")
+    r = CliRunner().invoke(main, ["export", str(run), "--int8", *OPTS, "--replay", str(doctored), "--form", "tensorrt"])
+    assert r.exit_code == 0, r.output
+    m = read_json(run / "export_manifest.json")
+    # a centring that differs from the recorded one is said, not silent
+    assert f"the replayed export centred {trt['centre']['centred']} activation quantizers" in r.output
+    assert m["int8"]["forms"]["tensorrt"]["centre"]["centred"] == trt["centre"]["centred"] - 5
     rec = m["int8"]["forms"]["tensorrt"]
     assert rec["cheap"][0]["decision"] == f"method {method}" and rec["kept"] == "cheap"
     assert next(p for p in rec["cheap"] if p["name"] == "bias_correction")["decision"] == "analytic"

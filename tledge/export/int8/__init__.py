@@ -94,6 +94,11 @@ def centre_record(ctx: Int8Context, state: Any, q: Any) -> dict[str, Any]:
     act = [n.input[0] for n in activation_quantizers(q)]
     centred = [t for t in act if t in offsets]
     pads = sum(n.op_type == "Pad" and n.name.endswith("__CentrePad") for n in q.graph.node)
+    recorded = ctx.replay.forms[state.form].centred if ctx.replay is not None and state.form in ctx.replay.forms else None
+    if recorded is not None and recorded != len(centred):
+        warn(f"INT8 {state.form}: the replayed export centred {recorded} activation quantizers, this tledge centres "
+             f"{len(centred)} (--centre {mode}; its rules changed since): the graph differs from the recorded one "
+             "there. Export without --replay for this version's own decisions.")
     if mode != "off" and state.form == "tensorrt":
         note(f"INT8 {state.form}: {len(centred)} of {len(act)} activation quantizers centred on their range "
              f"(--centre {mode}{f', {pads} Pad nodes added' if pads else ''})")

@@ -188,7 +188,9 @@ def centred_tensors(model: Any, form: Form, qnodes: set[str], wants: dict[str, l
                     skip: frozenset[str] = frozenset()) -> dict[str, float]:
     """The quantized tensors whose symmetric quantizer can be centred on their range with the network's function
     unchanged: the non-negative output ``t`` of a Clip(0, c) (ReLU6) fed by a Conv that it alone reads, and read
-    only through its Q/DQ pair by quantized Convs at input 0 (zero-padded ones only when ``padded``).
+    only through its Q/DQ pair by quantized Convs at input 0 (zero-padded ones only when ``padded``); or the
+    output of a constant zero Pad of such a Clip output (the exporter's own padding, EfficientNet-Lite's), which
+    then pads with -s: centred with no node added.
 
     A symmetric INT8 quantizer of a non-negative tensor uses 128 of its 255 levels (TensorRT's form has no
     zero-point): the ReLU6 outputs of mobilenet_v2 have 7 useful bits, the largest error source of that form
@@ -207,8 +209,16 @@ def centred_tensors(model: Any, form: Form, qnodes: set[str], wants: dict[str, l
     for t, cons in wants.items():
         st = stats.get(t)
         act = producer.get(t)
-        if (t in skip or st is None or not (st.min >= 0.0 < st.max) or act is None or act.op_type != "Clip"
-                or t in outputs or len(act.input) < 2 or _const(model, act.input[1]) != 0.0):
+        if t in skip or st is None or not (st.min >= 0.0 < st.max) or act is None or t in outputs:
+            continue
+        if act.op_type == "Pad":
+            # the exporter's own zero padding between the Clip and its reader (EfficientNet-Lite's "same"
+            # padding): it pads with -s instead, no node added; the Clip output may also feed Shape nodes
+            pad, act = act, producer.get(act.input[0])
+            if (not _zero_pad_node(model, pad) or act is None or act.output[0] in outputs
+                    or any(c is not pad and c.op_type != "Shape" for c in consumers.get(act.output[0], []))):
+                continue
+        if act.op_type != "Clip" or len(act.input) < 2 or _const(model, act.input[1]) != 0.0:
             continue
         if len(act.input) > 2 and act.input[2] and _const(model, act.input[2]) is None:
             continue
@@ -222,6 +232,16 @@ def centred_tensors(model: Any, form: Form, qnodes: set[str], wants: dict[str, l
                and (_zero_padded(c) or (padded and _explicit_pads(c) is not None)) for c, k in cons):
             out[t] = 0.0
     return out
+
+
+def _zero_pad_node(model: Any, node: Any) -> bool:
+    """A Pad node in constant mode padding with 0 (its value input absent or a zero initializer)."""
+    for a in node.attribute:
+        if a.name == "mode" and a.s not in (b"", b"constant"):
+            return False
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    return _const(model, node.input[2]) == 0.0
 
 
 def _conv_with_bias(node: Any, inits: set[str]) -> bool:
@@ -257,6 +277,12 @@ def _apply_shifts(model: Any, shifted: dict[str, float], wants: dict[str, list[t
     g = model.graph
     for t, s in shifted.items():
         act = producer[t]
+        if act.op_type == "Pad":  # the exporter's zero padding (centred_tensors): pads with -s instead
+            g.initializer.append(numpy_helper.from_array(np.array(-s, np.float32), f"{t}__centre_pad_value"))
+            while len(act.input) < 3:
+                act.input.append("")
+            act.input[2] = f"{t}__centre_pad_value"
+            act = producer[act.input[0]]
         p = producer[act.input[0]]
         g.initializer.append(_add_to_bias(model, p, np.float64(-s), "centre"))
         g.initializer.append(numpy_helper.from_array(np.array(-s, np.float32), f"{t}__centre_min"))
@@ -292,7 +318,10 @@ def _set_offsets(model: Any, shifted: dict[str, float], producer: dict[str, Any]
     offsets = {}
     for t, s in shifted.items():
         offsets[t] = s
-        offsets[producer[t].input[0]] = s
+        node = producer[t]
+        while node.op_type in ("Pad", "Clip"):  # back to the producing Conv: [Conv ->] Clip [-> Pad] -> t
+            offsets[node.input[0]] = s
+            node = producer[node.input[0]]
     entry = model.metadata_props.add()
     entry.key, entry.value = OFFSETS_KEY, json.dumps(offsets, sort_keys=True)
 

@@ -41,6 +41,7 @@ class FormDecisions:
     rounding: str                      # learned_rounding's decision: "not learned" | "nearest rounding" | ...
     kept: str                          # "cheap" | "expensive"
     kept_float: tuple[str, ...]        # activation quantizers the gate kept in float
+    centred: int | None = None         # centred activation quantizers (None: a manifest from before --centre)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ def _form(rec: dict[str, Any], gate: dict[str, Any], where: str) -> FormDecision
         if rec["kept"] not in ("cheap", "expensive") or (rec["kept"] == "expensive" and not rec["check"]["escalate"]):
             raise ValueError(f"kept recipe {rec['kept']!r} (escalated: {rec['check']['escalate']})")
         return FormDecisions(method=method, bias=bias, bias_layers=layers, escalate=bool(rec["check"]["escalate"]),
-                             rounding=rounding, kept=rec["kept"], kept_float=tuple(gate.get("kept_float", ())))
+                             rounding=rounding, kept=rec["kept"], kept_float=tuple(gate.get("kept_float", ())),
+                             centred=int(rec["centre"]["centred"]) if "centre" in rec else None)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UsageError(f"--replay {where}: the manifest's INT8 record is incomplete ({e!r} missing or malformed).",
                          f"pass the export_manifest.json an INT8 export wrote, unedited, or {FIX}.") from e

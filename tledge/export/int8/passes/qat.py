@@ -410,6 +410,8 @@ def uncentre(q: Any, trained: dict[str, np.ndarray], model: Any) -> None:
         if node.op_type == "Conv":  # the producer's output: its bias took -s
             add(fp[node.name].input[2], s)
             continue
+        if not any(c.op_type == "QuantizeLinear" for c in consumers.get(t, [])):
+            continue  # a Clip output between the producer and the exporter's Pad: its quantized output counts
         for c in readers(t):        # the centred tensor: each reader's bias took + s * sum(quantized weights)
             f = fp[c.name]
             w = weight_fake_quant(torch.from_numpy(trained[f.input[1]]), weight_axis(f)).numpy().astype(np.float64)
