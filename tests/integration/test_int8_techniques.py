@@ -351,3 +351,16 @@ def test_centring_pads_with_minus_s_in_the_exporters_own_pad_nodes(tmp_path: Pat
         if by_pad:  # FP32's zeros (the padding among them) quantize to -127
             sess, inp = ort.probe_session(q, [f"{t}__q" for t in by_pad], 1)
             assert all(int(v.min()) == -127 for v in sess.run([f"{t}__q" for t in by_pad], {inp: x[:4]}))
+    # QAT trains the centred graph; passes.qat.uncentre turns its biases back into the float graph's: untrained,
+    # exactly FP32's (each centred tensor's reader corrected once, though its Clip output is centred too)
+    from onnx import numpy_helper
+
+    from tledge.export.int8.passes.qat import build, trained_tensors, uncentre
+    q = quantize_model(fp32, stats, "tensorrt", "percentile", centre="exact")
+    trained = trained_tensors(build(q), fp32)
+    uncentre(q, trained, fp32)
+    inits = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    biases = [n.input[2] for n in fp32.graph.node if n.op_type == "Conv" and len(n.input) > 2]
+    assert len(biases) == 49
+    for b in biases:
+        np.testing.assert_allclose(trained[b], inits[b], rtol=1e-5, atol=1e-5 * np.abs(inits[b]).max(), err_msg=b)
