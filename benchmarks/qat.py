@@ -130,8 +130,8 @@ def main() -> None:
                           args.centre)
                 results.append(r)
                 r["centre"] = args.centre or "default"
-                print(f"\n== {name} @ {size}px, {r['test_images']} test images: PyTorch FP32 top-1 {r['torch_top1']:.4f}"
-                      f", --centre {r['centre']}")
+                print(f"\n== {name} @ {size}px, {r['test_images']} test images: "
+                      f"PyTorch FP32 top-1 {r['torch_top1']:.4f}, --centre {r['centre']}")
                 print(table(r["rows"], ["config", "form", "top1", "drop_pt", "agreement", "val_drop_pt", "qat_s",
                                         "export_s", "peak_mib", "torch_agreement", "torch_max_diff", "ort_floor",
                                         "node_differing"]))

@@ -94,7 +94,8 @@ def centre_record(ctx: Int8Context, state: Any, q: Any) -> dict[str, Any]:
     act = [n.input[0] for n in activation_quantizers(q)]
     centred = [t for t in act if t in offsets]
     pads = sum(n.op_type == "Pad" and n.name.endswith("__CentrePad") for n in q.graph.node)
-    recorded = ctx.replay.forms[state.form].centred if ctx.replay is not None and state.form in ctx.replay.forms else None
+    replayed = ctx.replay.forms.get(state.form) if ctx.replay is not None else None
+    recorded = replayed.centred if replayed is not None else None
     if recorded is not None and recorded != len(centred):
         warn(f"INT8 {state.form}: the replayed export centred {recorded} activation quantizers, this tledge centres "
              f"{len(centred)} (--centre {mode}; its rules changed since): the graph differs from the recorded one "
