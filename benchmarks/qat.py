@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PY, machine, make_testset, run_child, save, table, test_metrics, tuned_reference  # noqa: E402
 
+from tledge.export.config import CENTRE_MODES  # noqa: E402
 from tledge.perf import release_memory, tune_allocator  # noqa: E402
 
 
@@ -109,7 +110,7 @@ def main() -> None:
     ap.add_argument("--scales", default="fixed,learned")
     ap.add_argument("--lrs", default="", help="QAT learning rates to try (comma list; default: tledge's --qat-lr)")
     ap.add_argument("--form", default="both", choices=["both", "tensorrt", "cpu"], help="INT8 forms to export")
-    ap.add_argument("--centre", default="", choices=["", "exact", "off", "padded"],
+    ap.add_argument("--centre", default="", choices=["", *CENTRE_MODES],
                     help="tledge export --centre for every export (default: tledge's)")
     ap.add_argument("--no-ptq", action="store_true", help="skip the PTQ default export (QAT rows only)")
     ap.add_argument("--out", default="qat", help="results file name under benchmarks/results (no .json)")

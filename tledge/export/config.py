@@ -16,7 +16,7 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 FORM_NAMES = ("tensorrt", "cpu")
 BIAS_CORRECTION_MODES = ("auto", "analytic", "empirical", "off")
 ESCALATION_MODES = ("auto", "on", "off")
-CENTRE_MODES = ("off", "exact", "padded")   # the same as int8.quantize.CENTRE_MODES (config imports no ONNX code)
+CENTRE_MODES = ("off", "exact", "padded")   # --centre (int8.quantize.centred_tensors); config imports no ONNX code
 QAT_MODES = ("off", "on", "auto")
 QAT_SCALES = ("fixed", "learned")
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from tledge.export.config import CENTRE_MODES
 from tledge.export.graph import consumers_of, copy_model
 from tledge.export.int8.calibrate import TensorStats, compute_range
 
@@ -159,7 +160,6 @@ def _quantizer_sites(model: Any, form: Form, qnodes: set[str], exclude_tensors: 
     return wants
 
 
-CENTRE_MODES = ("off", "exact", "padded")
 OFFSETS_KEY = "tledge.centred_offsets"
 
 
