@@ -225,7 +225,8 @@ def test_learned_rounding_goes_where_rounding_costs_within_its_layer_budget(tmp_
 def test_plan_records_every_pass_and_switches_off(default_run_64: Path, tmp_path: Path) -> None:
     run = copy_run(default_run_64, tmp_path / "run")
     on = run_export(run, export_cfg(escalate="on", adaround_iters=40, adaround_layers=4))
-    assert [r["name"] for r in on["int8"]["graph"]] == ["fold", "cle", "calibrate"]
+    assert [r["name"] for r in on["int8"]["graph"]] == ["fold", "cle", "pads", "calibrate"]
+    assert on["int8"]["graph"][2]["decision"] == "skipped"  # --centre exact (the default): no Pad added
     for form in ("tensorrt", "cpu"):
         rec = on["int8"]["forms"][form]
         assert [r["name"] for r in rec["cheap"]] == ["ranges", "bias_correction", "head_refit"]
@@ -278,22 +279,39 @@ def _without_activation_qdq(q: onnx.ModelProto) -> onnx.ModelProto:
 
 def test_centred_quantizers_compute_the_same_function_on_all_255_levels(default_run_64: Path, tmp_path: Path) -> None:
     """Centring the TensorRT form's quantizers on ReLU6 outputs (quantize.centred_tensors) moves constants between
-    biases (and, padded, into Pad nodes) so the float function is unchanged; the centred quantizers then use both
-    halves of the INT8 range, the graph stays valid TensorRT Q/DQ, and the INT8 logits come closer to FP32."""
+    biases (and, padded, into the Pad nodes the ``pads`` graph pass puts in front of the quantizers of padded
+    convolutions) so the float function is unchanged; the centred quantizers then use both halves of the INT8
+    range, the graph stays valid TensorRT Q/DQ with every Conv reading a DequantizeLinear, and the INT8 logits
+    come closer to FP32."""
+    from tledge.export.int8.passes.pads import pad_explicitly
     from tledge.export.int8.quantize import activation_quantizers, centred_offsets
     fp32, x, stats = _demo_graph_and_stats(default_run_64, tmp_path)
     batches = [x[:32], x[32:]]
     ref = ort.logits(fp32, batches, 1)
+    padded, convs = pad_explicitly(fp32)
+    assert len(convs) == 17  # mobilenet_v2's depthwise convs that read a ReLU6 (the first reads the stem's)
+    np.testing.assert_allclose(ort.logits(padded, batches, 1), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    padded_stats = cal.collect(padded, activation_tensors(padded), batches)
     mse = {}
     for mode in ("off", "exact", "padded"):
-        q = quantize_model(fp32, stats, "tensorrt", "percentile", centre=mode)
+        g, st = (padded, padded_stats) if mode == "padded" else (fp32, stats)
+        q = quantize_model(g, st, "tensorrt", "percentile", centre=mode)
         assert check_tensorrt_qdq(q) == []
         offsets = centred_offsets(q)
+        centred = [n.input[0] for n in activation_quantizers(q) if n.input[0] in offsets]
         n_pad = sum(n.op_type == "Pad" for n in q.graph.node)
         # mobilenet_v2: 17 ReLU6 outputs read by a 1x1 projection (exact), 17 more by a padded depthwise conv
-        assert (len(offsets) // 2, n_pad) == {"off": (0, 0), "exact": (17, 0), "padded": (34, 17)}[mode]
+        assert (len(centred), n_pad) == {"off": (0, 0), "exact": (17, 0), "padded": (34, 17)}[mode]
+        producer = {o: n for n in q.graph.node for o in n.output}
+        for n in q.graph.node:
+            if n.op_type == "Conv":  # TensorRT's INT8 convolution pattern: DQ -> Conv, nothing in between
+                assert producer[n.input[0]].op_type == "DequantizeLinear", n.name
+            if n.op_type == "Pad":   # in front of the quantizer, padding with the centred value of FP32's zero
+                assert producer[n.input[0]].op_type == "Clip"
+                value = next(i for i in q.graph.initializer if i.name == n.input[2])
+                assert float(onnx.numpy_helper.to_array(value)) == pytest.approx(-offsets[n.output[0]])
         # the float function is unchanged: the same graph with float weights and no activation quantizers is FP32
-        flat = _without_activation_qdq(quantize_model(fp32, stats, "tensorrt", "percentile", centre=mode,
+        flat = _without_activation_qdq(quantize_model(g, st, "tensorrt", "percentile", centre=mode,
                                                       float_weights=True))
         np.testing.assert_allclose(ort.logits(flat, batches, 1, optimize=False), ref, rtol=1e-4,
                                    atol=1e-4 * np.abs(ref).max())
@@ -307,9 +325,20 @@ def test_centred_quantizers_compute_the_same_function_on_all_255_levels(default_
         mse[mode] = float(np.mean((ort.logits(q, batches, 1) - ref) ** 2))
     assert mse["padded"] < mse["off"]
     # the CPU form has a zero-point: nothing to centre
-    a = quantize_model(fp32, stats, "cpu", "percentile", centre="padded")
-    b = quantize_model(fp32, stats, "cpu", "percentile", centre="off")
+    a = quantize_model(padded, padded_stats, "cpu", "percentile", centre="padded")
+    b = quantize_model(padded, padded_stats, "cpu", "percentile", centre="off")
     assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+    # QAT's uncentre gives back the float graph's biases, the depthwise convs' behind the new Pads included
+    from onnx import numpy_helper
+
+    from tledge.export.int8.passes.qat import build, trained_tensors, uncentre
+    q = quantize_model(padded, padded_stats, "tensorrt", "percentile", centre="padded")
+    trained = trained_tensors(build(q), padded)
+    uncentre(q, trained, padded)
+    inits = {i.name: numpy_helper.to_array(i) for i in padded.graph.initializer}
+    biases = [n.input[2] for n in padded.graph.node if n.op_type == "Conv" and len(n.input) > 2]
+    for b in biases:
+        np.testing.assert_allclose(trained[b], inits[b], rtol=1e-5, atol=1e-5 * np.abs(inits[b]).max(), err_msg=b)
 
 
 def test_centring_pads_with_minus_s_in_the_exporters_own_pad_nodes(tmp_path: Path) -> None:

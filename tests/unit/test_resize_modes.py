@@ -86,7 +86,9 @@ def test_bad_recipes_are_refused() -> None:
 
 
 def test_cli_spells_the_same_modes() -> None:
+    from tledge.export.config import CENTRE_MODES
     assert tuple(cli.RESIZE_MODES) == RESIZE_MODES
+    assert tuple(cli.CENTRE_MODES) == CENTRE_MODES
 
 
 def test_card_without_a_mode_reads_as_the_old_default() -> None:

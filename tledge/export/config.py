@@ -45,8 +45,9 @@ class Int8Config:
     # an FP32 model given the same refit (quantization alone; issue 15 item 9).
     refit_distill: float = 1.0
     # Centring of the TensorRT form's quantizers on ReLU6 outputs (quantize.centred_tensors): off | exact (those whose
-    # readers need no padding: the graph gains no node) | padded (also those read by padded convolutions, each
-    # through a Pad node in front of the convolution, whose device cost has not been measured).
+    # readers need no padding: the graph gains no node) | padded (also those read by padded convolutions: the `pads`
+    # graph pass moves such a convolution's padding into a Pad node in front of the quantizer, Clip -> Pad -> Q/DQ
+    # -> Conv, EfficientNet-Lite's shape; device cost not measured).
     centre: str = "exact"
     # Dropout on the features in the refit. None: the tune's head dropout x (1 - refit_distill), so 0 for the default
     # fully distilled refit, whose target is FP32's exact logits: with the tune's 0.2 the refit drifted even on FP32

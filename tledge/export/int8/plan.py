@@ -72,7 +72,7 @@ class Plan:
     @classmethod
     def default(cls) -> "Plan":
         from tledge.export.int8 import passes as p
-        return cls(graph=[p.FoldShapes(), p.Equalize(), p.Calibrate()],
+        return cls(graph=[p.FoldShapes(), p.Equalize(), p.ExplicitPads(), p.Calibrate()],
                    cheap=[p.Ranges(), p.BiasCorrection(), p.HeadRefit()],
                    expensive=[p.LearnedRounding(), p.BiasCorrection(), p.HeadRefit()])
 

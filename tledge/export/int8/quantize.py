@@ -184,20 +184,19 @@ def _zero_padded(node: Any) -> bool:
 
 
 def centred_tensors(model: Any, form: Form, qnodes: set[str], wants: dict[str, list[tuple[Any, int]]],
-                    stats: dict[str, TensorStats], padded: bool = False,
-                    skip: frozenset[str] = frozenset()) -> dict[str, float]:
+                    stats: dict[str, TensorStats], skip: frozenset[str] = frozenset()) -> dict[str, float]:
     """The quantized tensors whose symmetric quantizer can be centred on their range with the network's function
     unchanged: the non-negative output ``t`` of a Clip(0, c) (ReLU6) fed by a Conv that it alone reads, and read
-    only through its Q/DQ pair by quantized Convs at input 0 (zero-padded ones only when ``padded``); or the
-    output of a constant zero Pad of such a Clip output (the exporter's own padding, EfficientNet-Lite's), which
-    then pads with -s: centred with no node added.
+    only through its Q/DQ pair by quantized Convs at input 0 that do not pad; or the output of a constant zero
+    Pad of such a Clip output (the exporter's own padding, EfficientNet-Lite's, or the one the ``pads`` graph pass
+    puts there for --centre padded), which then pads with -s: centred with no node added.
 
     A symmetric INT8 quantizer of a non-negative tensor uses 128 of its 255 levels (TensorRT's form has no
     zero-point): the ReLU6 outputs of mobilenet_v2 have 7 useful bits, the largest error source of that form
     (benchmarks/int8_error_sources.py). Centred, ``t - s`` is quantized instead, s = half the calibrated range,
     scale s / 127: all 255 levels, and 0 maps to -127 exactly. The producer's bias and the Clip's bounds take -s;
-    each reader's bias takes + s * (sum of the weights it computes with), and a padded reader pads with -s (a Pad
-    node in front of it; its own padding set to 0), so the graph computes what it did. Values: placeholders for s.
+    each reader's bias takes + s * (sum of the weights it computes with), and a Pad in between pads with -s, so
+    the graph computes what it did. Values: placeholders for s.
     ``skip``: tensors not to centre (learned scales of the uncentred form)."""
     if not form.symmetric:
         return {}
@@ -229,7 +228,7 @@ def centred_tensors(model: Any, form: Form, qnodes: set[str], wants: dict[str, l
         if len(consumers.get(t, [])) != len(cons):
             continue  # something reads the tensor without its quantizer
         if all(_conv_with_bias(c, inits) and c.name in qnodes and k == 0
-               and (_zero_padded(c) or (padded and _explicit_pads(c) is not None)) for c, k in cons):
+               and _zero_padded(c) for c, k in cons):
             out[t] = 0.0
     return out
 
@@ -273,7 +272,7 @@ def _add_to_bias(model: Any, node: Any, delta: np.ndarray, tag: str) -> Any:
 def _apply_shifts(model: Any, shifted: dict[str, float], wants: dict[str, list[tuple[Any, int]]],
                   read_weights: dict[str, np.ndarray], producer: dict[str, Any]) -> None:
     """Rewrite ``model`` in place for the centred quantizers of ``centred_tensors`` (offsets s filled in)."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
     g = model.graph
     for t, s in shifted.items():
         act = producer[t]
@@ -292,20 +291,6 @@ def _apply_shifts(model: Any, shifted: dict[str, float], wants: dict[str, list[t
                                                          f"{t}__centre_max"))
             act.input[2] = f"{t}__centre_max"
         for c, _ in wants[t]:
-            pads = _explicit_pads(c)
-            if any(pads):
-                # pad with -s (the centred value of FP32's zero padding), then convolve without padding
-                g.initializer.append(numpy_helper.from_array(
-                    np.array([0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]], np.int64), f"{c.name}__centre_pads"))
-                g.initializer.append(numpy_helper.from_array(np.array(-s, np.float32), f"{c.name}__centre_value"))
-                pad = helper.make_node("Pad", [c.input[0], f"{c.name}__centre_pads", f"{c.name}__centre_value"],
-                                       [f"{c.name}__centre_padded"], name=f"{c.name}__CentrePad", mode="constant")
-                c.input[0] = f"{c.name}__centre_padded"
-                for a in c.attribute:
-                    if a.name == "pads":
-                        del a.ints[:]
-                        a.ints.extend([0, 0, 0, 0])
-                g.node.insert(list(g.node).index(c), pad)
             w = read_weights[c.name].astype(np.float64)
             red = tuple(range(1, w.ndim))  # Conv weights: (out, in/groups, kh, kw)
             g.initializer.append(_add_to_bias(model, c, s * w.sum(axis=red), "uncentre"))
@@ -358,9 +343,9 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
     ``float_weights``: quantize the activations only (weights and biases stay FP32): learned rounding's
     ideal, whose layer-by-layer target is the FP32 output. Run such a graph with onnxruntime's optimizations off: its
     WeightBiasQuantization transformer re-quantizes float weights per tensor.
-    ``centre`` (TensorRT form; ``centred_tensors``): off | exact (the quantizers centring needs no extra node for) |
-    padded (also those read by padded convolutions, through a Pad node). The offsets are recorded in the graph's
-    metadata (``centred_offsets``)."""
+    ``centre`` (TensorRT form; ``centred_tensors``): off | exact | padded (here the same as exact: the Pad nodes
+    padded centring needs are put into the FP32 graph before calibration by the ``pads`` graph pass,
+    passes.pads.pad_explicitly). The offsets are recorded in the graph's metadata (``centred_offsets``)."""
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
@@ -375,8 +360,7 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
     wants = _quantizer_sites(model, form, qnodes, exclude_tensors)
     if centre not in CENTRE_MODES:
         raise ValueError(f"unknown centre mode {centre!r}; choices: {', '.join(CENTRE_MODES)}")
-    shifted = (centred_tensors(model, form, qnodes, wants, stats, centre == "padded",
-                               frozenset(act_overrides or ())) if centre != "off" else {})
+    shifted = centred_tensors(model, form, qnodes, wants, stats, frozenset(act_overrides or ())) if centre != "off" else {}
 
     new_inits: list[Any] = []
     qdq_after: dict[str, list[Any]] = {}   # producer output -> nodes to emit right after it

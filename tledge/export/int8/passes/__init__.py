@@ -6,6 +6,7 @@ from tledge.export.int8.passes.calibrate import Calibrate
 from tledge.export.int8.passes.cle import Equalize
 from tledge.export.int8.passes.fold import FoldShapes
 from tledge.export.int8.passes.head_refit import HeadRefit
+from tledge.export.int8.passes.pads import ExplicitPads
 from tledge.export.int8.passes.ranges import Ranges
 
-__all__ = ["BiasCorrection", "Calibrate", "Equalize", "FoldShapes", "HeadRefit", "LearnedRounding", "Ranges"]
+__all__ = ["BiasCorrection", "Calibrate", "Equalize", "ExplicitPads", "FoldShapes", "HeadRefit", "LearnedRounding", "Ranges"]
