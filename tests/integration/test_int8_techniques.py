@@ -19,7 +19,7 @@ from tledge.export.int8.passes import adaround as ada_mod
 from tledge.export.int8.passes import bias_correction as bc_mod
 from tledge.export.int8.passes import cle
 from tledge.export.pipeline import run_export
-from tledge.export.int8.quantize import activation_tensors, check_tensorrt_qdq, quantize_model
+from tledge.export.int8.quantize import activation_tensors, check_tensorrt_qdq, quantize_model, quantized_tensors
 from tledge.fsutil import read_json
 from tledge.model import build_classifier, load_classifier
 from tests.conftest import ROOT, copy_run, export_cfg
@@ -121,6 +121,10 @@ def test_empirical_bias_correction_removes_the_int8_networks_mean_shift(default_
     output shift against FP32 on the calibration images falls, and so does the logits' mean error."""
     fp32, x, stats = _demo_graph_and_stats(default_run_64, tmp_path)
     batches = [x[:32], x[32:]]
+    if centre == "padded":  # as the export does: the pads graph pass, then the statistics
+        from tledge.export.int8.passes.pads import pad_explicitly
+        fp32 = pad_explicitly(fp32)[0]
+        stats = cal.collect(fp32, activation_tensors(fp32), batches)
 
     def quantize(m):
         return quantize_model(m, stats, form, "mse", centre=centre)
@@ -219,6 +223,38 @@ def test_learned_rounding_goes_where_rounding_costs_within_its_layer_budget(tmp_
     # layers below the threshold keep nearest rounding: a threshold no layer reaches learns nothing
     none, info = ada_mod.adaround(fp32, batches, iters=20, min_rel_error=1e9)
     assert none == {} and info["costly"] == 0 and info["learned"] == 0 and info["layers"] > info["costly"]
+
+
+@pytest.mark.slow
+def test_export_centre_padded_adds_pads_before_the_quantizers_and_exact_says_what_it_would_add(
+        default_run_64: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tledge export --int8 --centre padded`: the pads graph pass runs before calibration and is recorded, the
+    TensorRT form's depthwise inputs are centred through Pad nodes that sit between the Clip and the quantizer.
+    With --centre exact (the default) and the kept recipe below --target-agreement, the log and the record say
+    how many more quantizers padded would centre."""
+    from tledge.export import artefacts
+    from tledge.export.int8.quantize import activation_quantizers, centred_offsets
+    run = copy_run(default_run_64, tmp_path / "run")
+    m = run_export(run, export_cfg(centre="padded"))
+    pads = m["int8"]["graph"][2]
+    assert pads["name"] == "pads" and pads["details"]["pad_nodes"] == 17
+    trt = m["int8"]["forms"]["tensorrt"]["centre"]
+    assert (trt["mode"], trt["pad_nodes"], trt["centred"]) == ("padded", 17, 34)
+    q = onnx.load(str(run / artefacts.int8_file("tensorrt")))
+    assert check_tensorrt_qdq(q) == []
+    producer = {o: n for n in q.graph.node for o in n.output}
+    offsets = centred_offsets(q)
+    padded_q = [n for n in activation_quantizers(q) if n.input[0] in producer and producer[n.input[0]].op_type == "Pad"]
+    assert len(padded_q) == 17 and all(n.input[0] in offsets for n in padded_q)
+    assert all(producer[producer[n.input[0]].input[0]].op_type == "Clip" for n in padded_q)
+    run2 = copy_run(default_run_64, tmp_path / "run2")
+    capsys.readouterr()
+    m2 = run_export(run2, export_cfg(target_agreement=1.0))
+    notes = capsys.readouterr().err.splitlines()
+    trt2 = m2["int8"]["forms"]["tensorrt"]["centre"]
+    assert (trt2["mode"], trt2["pad_nodes"], trt2["padded_would_add"]) == ("exact", 0, 17)
+    assert any("--centre padded would centre 17 more quantizers" in n for n in notes)
+    assert "padded_would_add" not in m2["int8"]["forms"]["cpu"]["centre"]
 
 
 @pytest.mark.slow
@@ -324,10 +360,22 @@ def test_centred_quantizers_compute_the_same_function_on_all_255_levels(default_
             assert np.median([int(v.max()) for v in vals]) > 100
         mse[mode] = float(np.mean((ort.logits(q, batches, 1) - ref) ** 2))
     assert mse["padded"] < mse["off"]
-    # the CPU form has a zero-point: nothing to centre
+    # the CPU form has a zero-point: nothing to centre, and its convolutions pad themselves again (the Clip output
+    # takes the Pad output's name: the quantizers keep the padded graph's names)
     a = quantize_model(padded, padded_stats, "cpu", "percentile", centre="padded")
     b = quantize_model(padded, padded_stats, "cpu", "percentile", centre="off")
     assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+    c = quantize_model(fp32, stats, "cpu", "percentile", centre="exact")
+    assert not any(n.op_type == "Pad" for n in a.graph.node)
+    assert sorted(n.op_type for n in a.graph.node) == sorted(n.op_type for n in c.graph.node)
+    assert sorted(n.input[0] for n in activation_quantizers(a)) == sorted(quantized_tensors(padded, "cpu"))
+
+    def conv_pads(m):
+        return {n.name: [list(x.ints) for x in n.attribute if x.name == "pads"] for n in m.graph.node
+                if n.op_type == "Conv"}
+    assert conv_pads(a) == conv_pads(c)
+    # --centre off in the TensorRT form: the same, nothing pads with anything but 0
+    assert not any(n.op_type == "Pad" for n in quantize_model(padded, padded_stats, "tensorrt", "percentile").graph.node)
     # QAT's uncentre gives back the float graph's biases, the depthwise convs' behind the new Pads included
     from onnx import numpy_helper
 

@@ -17,7 +17,7 @@ from tledge.export.config import ExportConfig
 from tledge.export.int8.context import Int8Context
 from tledge.export.int8.gate import gate
 from tledge.export.int8.plan import Plan
-from tledge.export.int8.quantize import activation_quantizers, centred_offsets, check_tensorrt_qdq
+from tledge.export.int8.quantize import PAD_SUFFIX, activation_quantizers, centred_offsets, check_tensorrt_qdq
 from tledge.export.int8.samples import calibration_samples, judge_split
 from tledge.fsutil import write_json
 
@@ -62,7 +62,7 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
             q, report = gate(ctx, state, evalset, ref, rescue=rescue)
             if state.rounding_name == "qat":
                 section.setdefault("qat", {})[form] = save_qat(ctx, form, Path(dest or run))
-            record["centre"] = centre_record(ctx, state, q)
+            record["centre"] = centre_record(ctx, state, q, record)
             if form == "tensorrt":
                 problems = check_tensorrt_qdq(q)
                 if problems:
@@ -87,13 +87,15 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
     return section
 
 
-def centre_record(ctx: Int8Context, state: Any, q: Any) -> dict[str, Any]:
-    """How many of the kept graph's activation quantizers are centred (--centre), said in one line."""
+def centre_record(ctx: Int8Context, state: Any, q: Any, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How many of the kept graph's activation quantizers are centred (--centre), said in one line; with
+    --centre exact, when the kept recipe (``record``: the plan's record of the form) misses --target-agreement
+    on the judge images and --centre padded would centre more quantizers, a hint that says how many."""
     mode = ctx.centre_of(state)
     offsets = centred_offsets(q)
     act = [n.input[0] for n in activation_quantizers(q)]
     centred = [t for t in act if t in offsets]
-    pads = sum(n.op_type == "Pad" and n.name.endswith("__CentrePad") for n in q.graph.node)
+    pads = sum(n.op_type == "Pad" and n.name.endswith(PAD_SUFFIX) for n in q.graph.node)
     replayed = ctx.replay.forms.get(state.form) if ctx.replay is not None else None
     recorded = replayed.centred if replayed is not None else None
     if recorded is not None and recorded != len(centred):
@@ -103,7 +105,19 @@ def centre_record(ctx: Int8Context, state: Any, q: Any) -> dict[str, Any]:
     if mode != "off" and state.form == "tensorrt":
         note(f"INT8 {state.form}: {len(centred)} of {len(act)} activation quantizers centred on their range "
              f"(--centre {mode}{f', {pads} Pad nodes added' if pads else ''})")
-    return {"mode": mode, "centred": len(centred), "quantizers": len(act), "pad_nodes": pads}
+    out = {"mode": mode, "centred": len(centred), "quantizers": len(act), "pad_nodes": pads}
+    if mode == "exact" and state.form == "tensorrt" and record is not None:
+        from tledge.export.int8.passes.pads import pad_explicitly
+        kept = record.get("kept", "cheap")
+        agreement = record.get("scores", {}).get(kept, record.get("check", {})).get("agreement")
+        more = len(pad_explicitly(ctx.base)[1])
+        if more and agreement is not None and agreement < ctx.cfg.quant.target_agreement:
+            out["padded_would_add"] = more
+            note(f"INT8 {state.form}: the kept recipe agrees with FP32 on {agreement:.1%} of the judge images "
+                 f"(target {ctx.cfg.quant.target_agreement:.0%}); --centre padded would centre {more} more "
+                 f"quantizers (the inputs of convolutions that pad) through {more} Pad nodes, whose cost on the "
+                 "device is not measured: compare both with tledge bench there")
+    return out
 
 
 def run_qat(state: Any, ctx: Int8Context) -> dict[str, Any]:

@@ -4,8 +4,10 @@ EfficientNet-Lite's exported graph already has. The FP32 function is unchanged (
 
 Centring (quantize.centred_tensors) then moves the quantizer of that input to the middle of its range and lets
 the Pad pad with -s instead of 0, with the convolution still reading its DequantizeLinear directly (the pattern
-TensorRT fuses into an INT8 convolution). mobilenet_v2's depthwise convolutions pad themselves: without this
-pass their inputs (17 of its 52 activation quantizers) stay on 7 useful bits.
+TensorRT fuses into an INT8 convolution). Wherever the Pad would still pad with 0 (the CPU form, which has a
+zero-point; a quantizer the gate keeps in float) quantize_model gives the padding back to the convolution.
+mobilenet_v2's depthwise convolutions pad themselves: without this pass their inputs (17 of the TensorRT form's
+63 activation quantizers) stay on 7 useful bits.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from tledge.export.graph import consumers_of, copy_model
 from tledge.export.int8.context import Int8Context
 from tledge.export.int8.plan import PassRecord
 
-SUFFIX = "__CentrePad"   # the name of each Pad node this pass adds: "<conv>__CentrePad"
 
 
 def _relu6_output(model: Any, t: str, producer: dict[str, Any], consumers: dict[str, list[Any]]) -> bool:
@@ -38,8 +39,8 @@ def pad_explicitly(model: Any) -> tuple[Any, list[str]]:
     those Convs, in graph order."""
     from onnx import helper, numpy_helper
 
-    from tledge.export.int8.quantize import _explicit_pads
-    m = copy_model(model)
+    from tledge.export.int8.quantize import PAD_SUFFIX, _explicit_pads, ensure_node_names
+    m = ensure_node_names(copy_model(model))
     g = m.graph
     producer = {o: n for n in g.node for o in n.output}
     consumers = consumers_of(m)
@@ -56,7 +57,7 @@ def pad_explicitly(model: Any) -> tuple[Any, list[str]]:
         g.initializer.append(numpy_helper.from_array(
             np.array([0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]], np.int64), f"{c.name}__centre_pads"))
         pad = helper.make_node("Pad", [t, f"{c.name}__centre_pads"], [f"{c.name}__centre_padded"],
-                               name=f"{c.name}{SUFFIX}", mode="constant")
+                               name=f"{c.name}{PAD_SUFFIX}", mode="constant")
         c.input[0] = pad.output[0]
         for a in c.attribute:
             if a.name == "pads":
