@@ -376,6 +376,16 @@ def test_centred_quantizers_compute_the_same_function_on_all_255_levels(default_
     assert conv_pads(a) == conv_pads(c)
     # --centre off in the TensorRT form: the same, nothing pads with anything but 0
     assert not any(n.op_type == "Pad" for n in quantize_model(padded, padded_stats, "tensorrt", "percentile").graph.node)
+    # a padded input the gate keeps in float is not centred: its convolution pads itself again, the others keep theirs
+    first = next(n for n in padded.graph.node if n.op_type == "Pad")
+    kept = quantize_model(padded, padded_stats, "tensorrt", "percentile", centre="padded",
+                          exclude_tensors={first.output[0]})
+    assert sum(n.op_type == "Pad" for n in kept.graph.node) == 16 and first.output[0] not in centred_offsets(kept)
+    conv = next(n for n in kept.graph.node if n.name == convs[0])
+    assert conv.input[0] == first.output[0] and [list(a.ints) for a in conv.attribute if a.name == "pads"] == [[1, 1, 1, 1]]
+    np.testing.assert_allclose(ort.logits(_without_activation_qdq(quantize_model(
+        padded, padded_stats, "tensorrt", "percentile", centre="padded", exclude_tensors={first.output[0]},
+        float_weights=True)), batches, 1, optimize=False), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     # QAT's uncentre gives back the float graph's biases, the depthwise convs' behind the new Pads included
     from onnx import numpy_helper
 
