@@ -16,7 +16,7 @@ from tledge import __version__
 # The resize modes (tledge/deploy/tledge_runtime/preprocess.py RESIZE_MODES; a test checks they agree), spelled
 # out here so that `tledge --help` imports neither numpy nor Pillow.
 RESIZE_MODES = ("shorter-side+center-crop", "stretch", "letterbox", "letterbox-topleft")
-CENTRE_MODES = ("off", "exact", "padded")   # export.config.CENTRE_MODES (a test checks they agree)
+CENTRE_MODES = ("off", "exact", "padded", "auto")   # export.config.CENTRE_MODES (a test checks they agree)
 
 
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -169,12 +169,14 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
                    "the INT8 model follow the FP32 one (agreement); 0 trains the head further on the labels, which "
                    "can raise top-1 past FP32's; the export also reports the drop against an FP32 model given the "
                    "same refit (quantization alone).")
-@click.option("--centre", type=click.Choice(CENTRE_MODES), default="exact", show_default=True,
+@click.option("--centre", type=click.Choice(CENTRE_MODES), default="auto", show_default=True,
               help="INT8 TensorRT form: quantize ReLU6 outputs centred on their range, all 255 levels instead of the "
                    "128 a symmetric quantizer leaves a non-negative tensor, by moving constants between biases "
                    "(exact: where the graph needs no new node; padded: also the inputs of convolutions that pad, whose "
                    "padding becomes a Pad node in front of the quantizer, the shape EfficientNet-Lite's graph has; "
-                   "its cost on the device is not measured: check it with tledge bench there).")
+                   "its cost on the device is not measured: check it with tledge bench there; auto: exact, and "
+                   "padded as well when exact misses --target-agreement, the one closer to FP32 kept, as the log "
+                   "says).")
 @click.option("--escalate", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="INT8: run the expensive passes (learned rounding, then the cheap passes on it) when the cheap "
                    "recipe misses --target-agreement (auto), always (on) or never (off).")

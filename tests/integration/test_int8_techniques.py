@@ -226,12 +226,13 @@ def test_learned_rounding_goes_where_rounding_costs_within_its_layer_budget(tmp_
 
 
 @pytest.mark.slow
-def test_export_centre_padded_adds_pads_before_the_quantizers_and_exact_says_what_it_would_add(
+def test_export_centre_padded_exact_and_auto(
         default_run_64: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`tledge export --int8 --centre padded`: the pads graph pass runs before calibration and is recorded, the
     TensorRT form's depthwise inputs are centred through Pad nodes that sit between the Clip and the quantizer.
     With --centre exact (the default) and the kept recipe below --target-agreement, the log and the record say
-    how many more quantizers padded would centre."""
+    how many more quantizers padded would centre. With --centre auto (the default) and exact below the target,
+    both are scored on the judge images and the closer one kept."""
     from tledge.export import artefacts
     from tledge.export.int8.quantize import activation_quantizers, centred_offsets
     run = copy_run(default_run_64, tmp_path / "run")
@@ -249,12 +250,21 @@ def test_export_centre_padded_adds_pads_before_the_quantizers_and_exact_says_wha
     assert all(producer[producer[n.input[0]].input[0]].op_type == "Clip" for n in padded_q)
     run2 = copy_run(default_run_64, tmp_path / "run2")
     capsys.readouterr()
-    m2 = run_export(run2, export_cfg(target_agreement=1.0))
+    m2 = run_export(run2, export_cfg(centre="exact", target_agreement=1.0))
     notes = capsys.readouterr().err.splitlines()
     trt2 = m2["int8"]["forms"]["tensorrt"]["centre"]
     assert (trt2["mode"], trt2["pad_nodes"], trt2["padded_would_add"]) == ("exact", 0, 17)
     assert any("--centre padded would centre 17 more quantizers" in n for n in notes)
     assert "padded_would_add" not in m2["int8"]["forms"]["cpu"]["centre"]
+    # --centre auto (the default): exact misses the target (1.0 here), so the cheap recipe runs padded too and the
+    # one closer to FP32 on the judge images is kept; the graph is that one's
+    m3 = run_export(copy_run(default_run_64, tmp_path / "run3"), export_cfg(target_agreement=1.0))
+    choice, trt3 = m3["int8"]["forms"]["tensorrt"]["centre_choice"], m3["int8"]["forms"]["tensorrt"]["centre"]
+    assert set(choice["scores"]) == {"exact", "padded"}
+    assert choice["kept"] == min(choice["scores"], key=lambda k: choice["scores"][k]["mse"]) == trt3["mode"]
+    assert trt3["pad_nodes"] == {"exact": 0, "padded": 17}[trt3["mode"]] and trt3["asked"] == "auto"
+    assert m3["int8"]["forms"]["tensorrt"]["check"]["mse"] == choice["scores"][choice["kept"]]["mse"]
+    assert "padded_would_add" not in trt3
 
 
 @pytest.mark.slow
@@ -262,7 +272,10 @@ def test_plan_records_every_pass_and_switches_off(default_run_64: Path, tmp_path
     run = copy_run(default_run_64, tmp_path / "run")
     on = run_export(run, export_cfg(escalate="on", adaround_iters=40, adaround_layers=4))
     assert [r["name"] for r in on["int8"]["graph"]] == ["fold", "cle", "pads", "calibrate"]
-    assert on["int8"]["graph"][2]["decision"] == "skipped"  # --centre exact (the default): no Pad added
+    assert on["int8"]["graph"][2]["details"]["pad_nodes"] == 17  # --centre auto (the default)
+    trt = on["int8"]["forms"]["tensorrt"]
+    assert trt["centre_choice"]["kept"] == trt["centre"]["mode"]
+    assert "centre_choice" not in on["int8"]["forms"]["cpu"]  # the CPU form has a zero-point: nothing to choose
     for form in ("tensorrt", "cpu"):
         rec = on["int8"]["forms"][form]
         assert [r["name"] for r in rec["cheap"]] == ["ranges", "bias_correction", "head_refit"]
@@ -375,14 +388,16 @@ def test_centred_quantizers_compute_the_same_function_on_all_255_levels(default_
                 if n.op_type == "Conv"}
     assert conv_pads(a) == conv_pads(c)
     # --centre off in the TensorRT form: the same, nothing pads with anything but 0
-    assert not any(n.op_type == "Pad" for n in quantize_model(padded, padded_stats, "tensorrt", "percentile").graph.node)
+    off = quantize_model(padded, padded_stats, "tensorrt", "percentile")
+    assert not any(n.op_type == "Pad" for n in off.graph.node)
     # a padded input the gate keeps in float is not centred: its convolution pads itself again, the others keep theirs
     first = next(n for n in padded.graph.node if n.op_type == "Pad")
     kept = quantize_model(padded, padded_stats, "tensorrt", "percentile", centre="padded",
                           exclude_tensors={first.output[0]})
     assert sum(n.op_type == "Pad" for n in kept.graph.node) == 16 and first.output[0] not in centred_offsets(kept)
     conv = next(n for n in kept.graph.node if n.name == convs[0])
-    assert conv.input[0] == first.output[0] and [list(a.ints) for a in conv.attribute if a.name == "pads"] == [[1, 1, 1, 1]]
+    assert conv.input[0] == first.output[0]
+    assert [list(a.ints) for a in conv.attribute if a.name == "pads"] == [[1, 1, 1, 1]]
     np.testing.assert_allclose(ort.logits(_without_activation_qdq(quantize_model(
         padded, padded_stats, "tensorrt", "percentile", centre="padded", exclude_tensors={first.output[0]},
         float_weights=True)), batches, 1, optimize=False), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -55,6 +55,7 @@ def test_a_replay_makes_the_recorded_decisions_and_the_same_graphs(recorded: Pat
         assert [p["decision"] for p in rec["cheap"] + rec["expensive"]] == \
                [p["decision"] for p in old["cheap"] + old["expensive"]]
         assert rec["kept"] == old["kept"] and rec["check"]["escalate"] is True
+        assert rec["centre"]["mode"] == old["centre"]["mode"]  # --centre auto's choice, replayed
         ran = [p for p in rec["cheap"] + rec["expensive"] if p["name"] in ("ranges", "learned_rounding")]
         assert ran and all(p["why"].startswith("replayed from") for p in ran)
         assert all(not p["scores"] for p in ran)  # nothing was scored

@@ -83,7 +83,9 @@ def test_no_escalation_when_no_expensive_pass_adds_anything() -> None:
 def test_default_plan_describes_every_pass() -> None:
     d = Plan.default().describe(ExportConfig(int8=True, quant=Int8Config(adaround=False)))
     assert [p["pass"] for p in d["graph"]] == ["fold", "cle", "pads", "calibrate"]
-    assert {p["pass"]: p["enabled"] for p in d["graph"]}["pads"] is False   # only --centre padded
+    assert {p["pass"]: p["enabled"] for p in d["graph"]}["pads"] is True    # --centre auto (the default), padded
+    exact = Plan.default().describe(ExportConfig(int8=True, quant=Int8Config(centre="exact")))
+    assert {p["pass"]: p["enabled"] for p in exact["graph"]}["pads"] is False
     assert [p["pass"] for p in d["cheap"]] == ["ranges", "bias_correction", "head_refit"]
     assert {p["pass"]: p["enabled"] for p in d["expensive"]}["learned_rounding"] is False
 

@@ -88,7 +88,8 @@ def build_int8(run: Path, card: dict[str, Any], cfg: ExportConfig, fp32: Any, re
 
 
 def centre_record(ctx: Int8Context, state: Any, q: Any, record: dict[str, Any] | None = None) -> dict[str, Any]:
-    """How many of the kept graph's activation quantizers are centred (--centre), said in one line; with
+    """How many of the kept graph's activation quantizers are centred (``mode``: the centring the kept recipe has;
+    ``asked``: --centre), said in one line; with
     --centre exact, when the kept recipe (``record``: the plan's record of the form) misses --target-agreement
     on the judge images and --centre padded would centre more quantizers, a hint that says how many."""
     mode = ctx.centre_of(state)
@@ -105,8 +106,9 @@ def centre_record(ctx: Int8Context, state: Any, q: Any, record: dict[str, Any] |
     if mode != "off" and state.form == "tensorrt":
         note(f"INT8 {state.form}: {len(centred)} of {len(act)} activation quantizers centred on their range "
              f"(--centre {mode}{f', {pads} Pad nodes added' if pads else ''})")
-    out = {"mode": mode, "centred": len(centred), "quantizers": len(act), "pad_nodes": pads}
-    if mode == "exact" and state.form == "tensorrt" and record is not None:
+    out = {"mode": mode, "asked": ctx.cfg.quant.centre, "centred": len(centred), "quantizers": len(act),
+           "pad_nodes": pads}
+    if ctx.cfg.quant.centre == "exact" and state.form == "tensorrt" and record is not None:
         from tledge.export.int8.passes.pads import pad_explicitly
         kept = record.get("kept", "cheap")
         agreement = record.get("scores", {}).get(kept, record.get("check", {})).get("agreement")

@@ -130,9 +130,11 @@ class Int8Context:
                               centre=self.centre_of(s))
 
     def centre_of(self, state: FormState) -> str:
-        """The centring of ``state``'s symmetric quantizers: its own when set (QAT trains the uncentred graph),
-        else --centre."""
-        return state.centre if state.centre is not None else self.cfg.quant.centre
+        """The centring of ``state``'s symmetric quantizers (off | exact | padded): its own when set (the plan sets
+        it under --centre auto; QAT with learned scales trains the uncentred graph), else --centre (auto, not
+        chosen by the plan: exact)."""
+        c = state.centre if state.centre is not None else self.cfg.quant.centre
+        return "exact" if c == "auto" else c
 
     def weight_bound(self, state: FormState) -> dict[str, float]:
         """``score`` of ``state`` with its activations quantized and every weight left in FP32: learned

@@ -114,12 +114,17 @@ class Plan:
     def run_form(self, form: str, ctx: Int8Context) -> tuple[FormState, dict[str, Any]]:
         """The cheap recipe, the check against the target, and (when it misses) the expensive recipe;
         returns the kept recipe and the record."""
+        from tledge.export.int8.quantize import FORMS
         q = ctx.cfg.quant
-        cheap = FormState(form, ctx.base)
+        auto = q.centre == "auto" and FORMS[form].symmetric and has_centre_pads(ctx.base)
+        replayed = ctx.replayed(form)
+        first = (replayed.centre_mode or "exact") if auto and replayed is not None else "exact"
+        cheap = FormState(form, ctx.base, centre=first if q.centre == "auto" else None)
         record: dict[str, Any] = {"cheap": [r.to_dict() for r in self._run_form_passes(self.cheap, cheap, ctx)]}
         score = ctx.score(ctx.quantize(cheap))
+        if auto and replayed is None:
+            cheap, score = self._centre_choice(form, ctx, cheap, score, record)
         expensive_on = [p.name for p in self.expensive if p.enabled(ctx.cfg)[0] and p.escalates(ctx.cfg)]
-        replayed = ctx.replayed(form)
         if replayed is not None:
             run, why = replayed.escalate, f"replayed from {ctx.replay.source}"
         elif q.escalate == "off":
@@ -139,7 +144,7 @@ class Plan:
         if not run:
             record["kept"] = "cheap"
             return cheap, record
-        exp = FormState(form, ctx.base, method=cheap.method, stage="expensive")
+        exp = FormState(form, ctx.base, method=cheap.method, stage="expensive", centre=cheap.centre)
         record["expensive"] = [r.to_dict() for r in self._run_form_passes(self.expensive, exp, ctx)]
         if replayed is not None:
             name = replayed.kept
@@ -152,3 +157,35 @@ class Plan:
         record.update(kept=name, scores=scores)
         note(f"INT8 {form}: {name} recipe kept (logit MSE, agreement on judge images: {fmt_scores(scores)})")
         return kept, record
+
+    def _centre_choice(self, form: str, ctx: Int8Context, exact: FormState, score: dict[str, float],
+                       record: dict[str, Any]) -> tuple[FormState, dict[str, float]]:
+        """--centre auto: when the exact-centred cheap recipe misses --target-agreement on the judge images, the
+        cheap recipe again with padded centring (the pads graph pass's Pad nodes), and the one closer to FP32 on
+        the judge images kept (record["centre_choice"]; the kept one's passes become record["cheap"])."""
+        q = ctx.cfg.quant
+        if score["agreement"] >= q.target_agreement:
+            why = (f"exact agrees with FP32 on {score['agreement']:.1%} of the judge images, target "
+                   f"{q.target_agreement:.0%} met")
+            record["centre_choice"] = {"kept": "exact", "why": why}
+            return exact, score
+        note(f"INT8 {form}: exact centring agrees with FP32 on {score['agreement']:.1%} of the judge images, below "
+             f"the {q.target_agreement:.0%} target: the cheap recipe again with padded centring (--centre auto)")
+        padded = FormState(form, ctx.base, centre="padded")
+        padded_recs = [r.to_dict() for r in self._run_form_passes(self.cheap, padded, ctx)]
+        name, kept, scores = best_of(ctx, {"exact": exact, "padded": padded}, ctx.quantize,
+                                     f"judge centring ({form})", known={"exact": score})
+        why = f"logit MSE, agreement on judge images: {fmt_scores(scores)}"
+        record["centre_choice"] = {"kept": name, "why": why, "scores": scores,
+                                   "other": record["cheap"] if name == "padded" else padded_recs}
+        if name == "padded":
+            record["cheap"] = padded_recs
+        note(f"INT8 {form}: {name} centring kept ({why})")
+        return kept, scores[name]
+
+
+def has_centre_pads(model: Any) -> bool:
+    """Whether the pads graph pass put Pad nodes into ``model`` (what padded centring adds to exact)."""
+    from tledge.export.int8.quantize import PAD_SUFFIX
+    graph = getattr(model, "graph", None)  # (the plan's unit tests run it on stand-in numbers)
+    return graph is not None and any(n.op_type == "Pad" and n.name.endswith(PAD_SUFFIX) for n in graph.node)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tledge.export.config import CENTRE_MODES
+from tledge.export.config import GRAPH_CENTRE_MODES
 from tledge.export.graph import consumers_of, copy_model
 from tledge.export.int8.calibrate import TensorStats, compute_range
 
@@ -161,7 +161,7 @@ def _quantizer_sites(model: Any, form: Form, qnodes: set[str], exclude_tensors: 
 
 
 OFFSETS_KEY = "tledge.centred_offsets"
-PAD_SUFFIX = "__CentrePad"   # a Pad node the ``pads`` graph pass put in front of "<conv>"'s quantizer: "<conv>__CentrePad"
+PAD_SUFFIX = "__CentrePad"   # the Pad the ``pads`` graph pass put in front of <conv>'s quantizer: "<conv>__CentrePad"
 
 
 def _const(model: Any, name: str) -> float | None:
@@ -299,8 +299,8 @@ def _apply_shifts(model: Any, shifted: dict[str, float], wants: dict[str, list[t
 
 def _fold_zero_pads(model: Any) -> None:
     """Give the padding of the ``pads`` graph pass back to its convolution wherever the Pad pads with 0 and reads
-    the Clip directly: in the CPU form (which has a zero-point: nothing to centre) and with --centre off before
-    the quantizers are placed, and after centring for a quantizer the gate keeps in float. There the Pad only costs
+    the Clip directly: in the CPU form (which has a zero-point: nothing to centre) and with centring off or exact
+    before the quantizers are placed, and after centring for a quantizer the gate keeps in float. There the Pad only costs
     time: with it, onnxruntime ran the CPU form 1.25-1.36x slower (benchmarks/centre_pads_latency.py). The Clip's
     output takes the Pad output's name, so quantizers, statistics and the gate's names stay those of the padded
     FP32 graph."""
@@ -376,9 +376,10 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
     ``float_weights``: quantize the activations only (weights and biases stay FP32): learned rounding's
     ideal, whose layer-by-layer target is the FP32 output. Run such a graph with onnxruntime's optimizations off: its
     WeightBiasQuantization transformer re-quantizes float weights per tensor.
-    ``centre`` (TensorRT form; ``centred_tensors``): off | exact | padded (here the same as exact: the Pad nodes
-    padded centring needs are put into the FP32 graph before calibration by the ``pads`` graph pass,
-    passes.pads.pad_explicitly). The offsets are recorded in the graph's metadata (``centred_offsets``)."""
+    ``centre`` (TensorRT form; ``centred_tensors``): off | exact | padded. The Pad nodes padded centring needs
+    are put into the FP32 graph before calibration by the ``pads`` graph pass (passes.pads.pad_explicitly); off
+    and exact give their padding back to the convolutions (``_fold_zero_pads``), so one graph and one set of
+    statistics serve all three. The offsets are recorded in the graph's metadata (``centred_offsets``)."""
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
@@ -386,16 +387,17 @@ def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, met
     model = onnx.ModelProto()
     model.CopyFrom(fp32)
     ensure_node_names(model)
-    if not form.symmetric or centre == "off":
+    if not form.symmetric or centre != "padded":
         _fold_zero_pads(model)  # the pads graph pass's Pads: nothing will pad with anything but 0
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
     qnodes = set(quantizable_nodes(model, form)) - set(exclude)
     wants = _quantizer_sites(model, form, qnodes, exclude_tensors)
-    if centre not in CENTRE_MODES:
-        raise ValueError(f"unknown centre mode {centre!r}; choices: {', '.join(CENTRE_MODES)}")
-    shifted = centred_tensors(model, form, qnodes, wants, stats, frozenset(act_overrides or ())) if centre != "off" else {}
+    if centre not in GRAPH_CENTRE_MODES:
+        raise ValueError(f"unknown centre mode {centre!r}; choices: {', '.join(GRAPH_CENTRE_MODES)}")
+    shifted = (centred_tensors(model, form, qnodes, wants, stats, frozenset(act_overrides or ()))
+               if centre != "off" else {})
 
     new_inits: list[Any] = []
     qdq_after: dict[str, list[Any]] = {}   # producer output -> nodes to emit right after it

@@ -7,7 +7,8 @@ sum), and an INT8 network turns a last-bit difference into a one-step difference
 by a threshold then flip: the same code, options and embedded default gave the CPU form's learned rounding "not
 learned" on an Intel Xeon and 150 s of learning on an AMD EPYC (Zen 4) (docs/int8.md, 2026-12-02). A replay
 makes the same choices as the export it replays: range method, bias correction and its depth, whether the
-expensive recipe ran and which recipe was kept, learned rounding, the quantizers the gate kept in float. Only
+expensive recipe ran and which recipe was kept, learned rounding, the centring --centre auto kept, the
+quantizers the gate kept in float. Only
 the values are computed here (statistics, corrections, the refit head), so the graph is the recorded one up to
 the machine's last bits. (Polygraphy replays TensorRT's tactic choices the same way: --save-tactics /
 --load-tactics.) It is also faster: no candidate is scored.
@@ -42,6 +43,7 @@ class FormDecisions:
     kept: str                          # "cheap" | "expensive"
     kept_float: tuple[str, ...]        # activation quantizers the gate kept in float
     centred: int | None = None         # centred activation quantizers (None: a manifest from before --centre)
+    centre_mode: str | None = None     # the kept recipe's centring, off | exact | padded (--centre auto's choice)
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ def _form(rec: dict[str, Any], gate: dict[str, Any], where: str) -> FormDecision
             raise ValueError(f"kept recipe {rec['kept']!r} (escalated: {rec['check']['escalate']})")
         return FormDecisions(method=method, bias=bias, bias_layers=layers, escalate=bool(rec["check"]["escalate"]),
                              rounding=rounding, kept=rec["kept"], kept_float=tuple(gate.get("kept_float", ())),
-                             centred=int(rec["centre"]["centred"]) if "centre" in rec else None)
+                             centred=int(rec["centre"]["centred"]) if "centre" in rec else None,
+                             centre_mode=str(rec["centre"]["mode"]) if "centre" in rec else None)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UsageError(f"--replay {where}: the manifest's INT8 record is incomplete ({e!r} missing or malformed).",
                          f"pass the export_manifest.json an INT8 export wrote, unedited, or {FIX}.") from e

@@ -9,4 +9,5 @@ from tledge.export.int8.passes.head_refit import HeadRefit
 from tledge.export.int8.passes.pads import ExplicitPads
 from tledge.export.int8.passes.ranges import Ranges
 
-__all__ = ["BiasCorrection", "Calibrate", "Equalize", "ExplicitPads", "FoldShapes", "HeadRefit", "LearnedRounding", "Ranges"]
+__all__ = ["BiasCorrection", "Calibrate", "Equalize", "ExplicitPads", "FoldShapes", "HeadRefit", "LearnedRounding",
+           "Ranges"]

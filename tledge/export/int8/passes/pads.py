@@ -1,4 +1,4 @@
-"""Graph pass (``--centre padded``): the zero padding of a convolution that reads a ReLU6 output becomes a Pad
+"""Graph pass (``--centre padded``, ``auto``): the zero padding of a convolution that reads a ReLU6 output becomes a Pad
 node of its own in front of the quantizer, Clip -> Pad(0) -> [Q/DQ] -> Conv(no padding), the shape
 EfficientNet-Lite's exported graph already has. The FP32 function is unchanged (checked, else not kept).
 
@@ -20,7 +20,6 @@ from tledge.export.config import ExportConfig
 from tledge.export.graph import consumers_of, copy_model
 from tledge.export.int8.context import Int8Context
 from tledge.export.int8.plan import PassRecord
-
 
 
 def _relu6_output(model: Any, t: str, producer: dict[str, Any], consumers: dict[str, list[Any]]) -> bool:
@@ -73,11 +72,13 @@ class ExplicitPads:
     name = "pads"
 
     def enabled(self, cfg: ExportConfig) -> tuple[bool, str]:
-        if cfg.quant.centre != "padded":
+        if cfg.quant.centre not in ("padded", "auto"):
             return False, f"--centre {cfg.quant.centre}"
         if "tensorrt" not in cfg.quant.forms:
             return False, "no TensorRT form (the CPU form has a zero-point: nothing to centre)"
-        return True, "--centre padded"
+        return True, f"--centre {cfg.quant.centre}" + (" (padded is the second cheap recipe when exact misses "
+                                                       "the target; exact and the CPU form pad in their "
+                                                       "convolutions)" if cfg.quant.centre == "auto" else "")
 
     def run(self, ctx: Int8Context) -> PassRecord:
         padded, convs = pad_explicitly(ctx.base)
