@@ -373,12 +373,16 @@ def test_centred_quantizers_compute_the_same_function_on_all_255_levels(default_
             assert np.median([int(v.max()) for v in vals]) > 100
         mse[mode] = float(np.mean((ort.logits(q, batches, 1) - ref) ** 2))
     assert mse["padded"] < mse["off"]
-    # the CPU form has a zero-point: nothing to centre, and its convolutions pad themselves again (the Clip output
-    # takes the Pad output's name: the quantizers keep the padded graph's names)
+    # the CPU form has a zero-point: nothing to centre, and its convolutions pad themselves again: the very graph
+    # quantized without the pads pass (the Pads' readers read the Clip outputs again, with their statistics)
     a = quantize_model(padded, padded_stats, "cpu", "percentile", centre="padded")
     b = quantize_model(padded, padded_stats, "cpu", "percentile", centre="off")
     assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
     c = quantize_model(fp32, stats, "cpu", "percentile", centre="exact")
+    assert a.SerializeToString(deterministic=True) == c.SerializeToString(deterministic=True)
+    exact = quantize_model(padded, padded_stats, "tensorrt", "percentile", centre="exact")
+    assert exact.SerializeToString(deterministic=True) == \
+        quantize_model(fp32, stats, "tensorrt", "percentile", centre="exact").SerializeToString(deterministic=True)
     assert not any(n.op_type == "Pad" for n in a.graph.node)
     assert sorted(n.op_type for n in a.graph.node) == sorted(n.op_type for n in c.graph.node)
     assert sorted(n.input[0] for n in activation_quantizers(a)) == sorted(quantized_tensors(padded, "cpu"))
@@ -396,7 +400,7 @@ def test_centred_quantizers_compute_the_same_function_on_all_255_levels(default_
                           exclude_tensors={first.output[0]})
     assert sum(n.op_type == "Pad" for n in kept.graph.node) == 16 and first.output[0] not in centred_offsets(kept)
     conv = next(n for n in kept.graph.node if n.name == convs[0])
-    assert conv.input[0] == first.output[0]
+    assert conv.input[0] == first.input[0]  # the Clip's output, read in float
     assert [list(a.ints) for a in conv.attribute if a.name == "pads"] == [[1, 1, 1, 1]]
     np.testing.assert_allclose(ort.logits(_without_activation_qdq(quantize_model(
         padded, padded_stats, "tensorrt", "percentile", centre="padded", exclude_tensors={first.output[0]},
