@@ -354,13 +354,16 @@ def centred_offsets(q: Any) -> dict[str, float]:
 
 
 def quantized_tensors(model: Any, form_name: str) -> list[str]:
-    """The activation tensors the form puts a quantizer on (the ones calibration needs statistics for, and
-    the candidates the accuracy gate can keep in float), in graph order."""
+    """The activation tensors the form can put a quantizer on (the ones calibration needs statistics for): for a
+    graph with the ``pads`` pass's Pad nodes, those of the padded graph (padded centring) and of the graph with
+    the padding given back (off, exact, the CPU form), each once."""
     form = FORMS[form_name]
     m = ensure_node_names(copy_model(model))
-    if not form.symmetric:
-        _fold_zero_pads(m)  # as quantize_model does
-    return list(_quantizer_sites(m, form, set(quantizable_nodes(m, form)), frozenset()))
+    folded = copy_model(m)
+    _fold_zero_pads(folded)  # as quantize_model does for the CPU form and for centring off or exact
+    sites = [] if not form.symmetric else list(_quantizer_sites(m, form, set(quantizable_nodes(m, form)), frozenset()))
+    return list(dict.fromkeys(sites + list(_quantizer_sites(folded, form, set(quantizable_nodes(folded, form)),
+                                                            frozenset()))))
 
 
 def quantize_model(fp32: Any, stats: dict[str, TensorStats], form_name: str, method: str,
