@@ -225,6 +225,31 @@ def test_learned_rounding_goes_where_rounding_costs_within_its_layer_budget(tmp_
     assert none == {} and info["costly"] == 0 and info["learned"] == 0 and info["layers"] > info["costly"]
 
 
+def test_learned_rounding_does_not_depend_on_the_pads_pass(default_run_64: Path, tmp_path: Path) -> None:
+    """Learned rounding depends on the FP32 function, not on how the graph spells its padding: on mobilenet_v2
+    with the ``pads`` graph pass's Pad nodes it learns what it learns without them. (It did not: the Pads' larger
+    layer inputs left fewer images for the layer ranking within the memory cap, 18 instead of 19 at 112 px, which
+    reordered two layers and with them the random windows. The cap here is set so that the padded graph's
+    inputs would fit 10 images and the plain graph's more.)"""
+    from tledge.export.int8.passes.pads import pad_explicitly
+    fp32, x, _ = _demo_graph_and_stats(default_run_64, tmp_path)
+    padded, convs = pad_explicitly(fp32)
+    assert len(convs) == 17
+    batches = [x[:8], x[8:16]]
+
+    def bytes_per_image(m: onnx.ModelProto) -> int:
+        io = ada_mod.layer_io(m, weighted_nodes(m), [x[:1]])
+        return sum(a.nbytes + b.nbytes for a, b in io.values())
+    plain_b, padded_b = bytes_per_image(fp32), bytes_per_image(padded)
+    cap = 10 * padded_b
+    assert cap // plain_b > 10
+    plain, info = ada_mod.adaround(fp32, batches, iters=20, max_layers=6, memory_mib=cap / 2 ** 20)
+    with_pads, info_p = ada_mod.adaround(padded, batches, iters=20, max_layers=6, memory_mib=cap / 2 ** 20)
+    assert info["learned"] == 6 and plain and info["scoring_images"] == cap // plain_b
+    assert info_p == info
+    assert with_pads.keys() == plain.keys() and all(np.array_equal(with_pads[k], plain[k]) for k in plain)
+
+
 @pytest.mark.slow
 def test_export_centre_padded_exact_and_auto(
         default_run_64: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -210,6 +210,23 @@ def test_qat_auto_runs_from_the_gate_before_any_fallback(default_run_64: Path, t
     assert "fine-tuning through the quantizers (--qat auto)" in err and "after QAT" in err
 
 
+def test_qat_that_finds_nothing_keeps_the_ptq_graph_and_says_so(default_run_64: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A learning rate that only makes things worse: early stopping keeps step 0, the record and a warning say
+    that QAT kept the post-training graph (not "fine-tuned"), and the INT8 graph computes what PTQ's does."""
+    ptq = copy_run(default_run_64, tmp_path / "ptq")
+    run_export(ptq, export_cfg(forms=("tensorrt",)))
+    run = copy_run(default_run_64, tmp_path / "run")
+    m = run_export(run, export_cfg(forms=("tensorrt",), qat="on", qat_steps=10, qat_lr=1.0))
+    rec = m["int8"]["forms"]["tensorrt"]["qat"]
+    assert rec["details"]["best_step"] == 0 and rec["details"]["steps_run"] > 0
+    assert rec["decision"].startswith("no step lowered the held-out KL") and "PTQ start kept" in rec["decision"]
+    assert "warning: INT8 tensorrt: QAT no step lowered" in " ".join(capsys.readouterr().err.split())
+    x = np.stack([card_mod.preprocess_of(card_mod.read(run))(s.path) for s in scan(FASHION).val[:64]])
+    got, want = (_reference(onnx.load(str(r / FILES["int8-tensorrt"])), x) for r in (run, ptq))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_a_killed_qat_export_restarts_cleanly(ptq_run: Path, tmp_path: Path) -> None:
     run = copy_run(ptq_run, tmp_path / "run")
     before = (run / "export_manifest.json").read_bytes()

@@ -104,8 +104,9 @@ def centre_record(ctx: Int8Context, state: Any, q: Any, record: dict[str, Any] |
              f"{len(centred)} (--centre {mode}; its rules changed since): the graph differs from the recorded one "
              "there. Export without --replay for this version's own decisions.")
     if mode != "off" and state.form == "tensorrt":
+        how = f"--centre {mode}" if ctx.cfg.quant.centre == mode else f"--centre {ctx.cfg.quant.centre}: {mode}"
         note(f"INT8 {state.form}: {len(centred)} of {len(act)} activation quantizers centred on their range "
-             f"(--centre {mode}{f', {pads} Pad nodes added' if pads else ''})")
+             f"({how}{f', {pads} Pad nodes added' if pads else ''})")
     out = {"mode": mode, "asked": ctx.cfg.quant.centre, "centred": len(centred), "quantizers": len(act),
            "pad_nodes": pads}
     if ctx.cfg.quant.centre == "exact" and state.form == "tensorrt" and record is not None:

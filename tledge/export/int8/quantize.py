@@ -300,10 +300,10 @@ def _apply_shifts(model: Any, shifted: dict[str, float], wants: dict[str, list[t
 def _fold_zero_pads(model: Any) -> None:
     """Give the padding of the ``pads`` graph pass back to its convolution wherever the Pad pads with 0 and reads
     the Clip directly: in the CPU form (which has a zero-point: nothing to centre) and with centring off or exact
-    before the quantizers are placed, and after centring for a quantizer the gate keeps in float. There the Pad only costs
-    time: with it, onnxruntime ran the CPU form 1.25-1.36x slower (benchmarks/centre_pads_latency.py). The Pad's
-    readers read the Clip's output again, so the graph, its quantizer names and their statistics (of the unpadded
-    tensor) are those of the graph without the pass."""
+    before the quantizers are placed, and after centring for a quantizer the gate keeps in float. There the Pad
+    only costs time: with it, onnxruntime ran the CPU form 1.25-1.36x slower (benchmarks/centre_pads_latency.py).
+    The Pad's readers read the Clip's output again, so the graph, its quantizer names and their statistics (of the
+    unpadded tensor) are those of the graph without the pass."""
     from onnx import numpy_helper
     g = model.graph
     inits = {i.name: i for i in g.initializer}
@@ -326,6 +326,18 @@ def _fold_zero_pads(model: Any) -> None:
         drop.append(pad)
     for pad in drop:
         g.node.remove(pad)
+    used = {i for n in g.node for i in n.input}
+    for pad in drop:  # its pads initializer too, once nothing reads it (onnxruntime warns of unused ones)
+        if pad.input[1] not in used and pad.input[1] in inits:
+            g.initializer.remove(inits[pad.input[1]])
+
+
+def without_centre_pads(model: Any) -> Any:
+    """A copy of ``model`` with the ``pads`` graph pass's zero Pads given back to their convolutions: the graph
+    the pass started from (the same function, node for node)."""
+    m = copy_model(model)
+    _fold_zero_pads(m)
+    return m
 
 
 def _set_offsets(model: Any, shifted: dict[str, float], producer: dict[str, Any]) -> None:
@@ -359,8 +371,7 @@ def quantized_tensors(model: Any, form_name: str) -> list[str]:
     the padding given back (off, exact, the CPU form), each once."""
     form = FORMS[form_name]
     m = ensure_node_names(copy_model(model))
-    folded = copy_model(m)
-    _fold_zero_pads(folded)  # as quantize_model does for the CPU form and for centring off or exact
+    folded = without_centre_pads(m)  # as quantize_model does for the CPU form and for centring off or exact
     sites = [] if not form.symmetric else list(_quantizer_sites(m, form, set(quantizable_nodes(m, form)), frozenset()))
     return list(dict.fromkeys(sites + list(_quantizer_sites(folded, form, set(quantizable_nodes(folded, form)),
                                                             frozenset()))))

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tledge.console import note, progress
+from tledge.console import note, progress, warn
 from tledge.errors import UsageError
 from tledge.export.config import ExportConfig
 from tledge.export.int8.context import FormState, Int8Context, torch_threads
@@ -605,8 +605,14 @@ class Qat:
         ctx.cache[("qat", state.form)] = {**trained, **{f"scale:{net.act_of[k]}": np.array(float(p.detach().cpu()),
                                                                                             np.float32)
                                                          for k, p in net.s.items()}}
-        decision = (f"fine-tuned through the quantizers: held-out KL {loss0:.4f} -> {best['loss']:.4f}, agreement "
-                    f"with FP32 {agree0:.1%} -> {best['agreement']:.1%} (best at step {best['step']})")
+        if best["step"] == 0:  # no step came closer to FP32 on the held-out images: the PTQ start, unchanged
+            decision = (f"no step lowered the held-out KL ({loss0:.4f} at the start, agreement with FP32 "
+                        f"{agree0:.1%}; {history[-1]['step']} steps run): the PTQ start kept")
+            warn(f"INT8 {state.form}: QAT {decision}. More steps or another --qat-lr may help; the graph is the "
+                 "post-training one")
+        else:
+            decision = (f"fine-tuned through the quantizers: held-out KL {loss0:.4f} -> {best['loss']:.4f}, "
+                        f"agreement with FP32 {agree0:.1%} -> {best['agreement']:.1%} (best at step {best['step']})")
         return PassRecord(self.name, state.form, decision,
                           f"distilled from FP32 logits on {len(fit)} training images, {n_hold} held out",
                           details={"history": history, "best_step": best["step"], "steps_run": history[-1]["step"],
