@@ -65,10 +65,11 @@ def main() -> int:
         a.log.write_text("\n".join(ln for ln in final if ln.strip()) + "\n")
     gaps = []
     prev_t, prev_text = 0.0, ""
-    for t, text in chunks + [(wall, "")]:
+    for i, (t, text) in enumerate(chunks + [(wall, "")]):
         if t - prev_t > a.gap:
-            gaps.append({"start_s": round(prev_t, 1), "seconds": round(t - prev_t, 1), "after": last_line(prev_text),
-                         "before": last_line(text) or "(end)"})
+            gaps.append({"start_s": round(prev_t, 1), "seconds": round(t - prev_t, 1),
+                         "after": last_line(prev_text) or "(start)",
+                         "before": last_line(text) or ("(end)" if i == len(chunks) else "(terminal codes only)")})
         prev_t, prev_text = t, (prev_text + text)[-4000:]
     print(f"{' '.join(cmd)}: exit {rc}, {wall:.0f} s, {len(gaps)} silent stretch(es) over {a.gap:g} s")
     for g in gaps:

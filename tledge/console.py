@@ -28,11 +28,13 @@ def progress_enabled() -> bool:
 
 
 @contextmanager
-def progress() -> Iterator[Progress]:
-    """A progress display for scanning, feature extraction and epochs (silent when not a terminal)."""
+def progress(auto_refresh: bool = True) -> Iterator[Progress]:
+    """A progress display for scanning, feature extraction and epochs (silent when not a terminal).
+    ``auto_refresh=False``: drawn only when the caller calls ``refresh()``, with no drawing thread beside the
+    work (latency measurement)."""
     p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                  TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                  TextColumn("{task.fields[info]}"), console=err, transient=False,
-                 disable=not progress_enabled())
+                 auto_refresh=auto_refresh, disable=not progress_enabled())
     with p:
         yield p

@@ -14,7 +14,7 @@ import tledge
 from tledge import card as card_mod
 from tledge.bench import latency
 from tledge.bench.report import SCHEMA
-from tledge.console import note, warn
+from tledge.console import note, progress, warn
 from tledge.data import scan_for_run
 from tledge.errors import TledgeError
 from tledge.evalset import EvalSet, compare, run_logits
@@ -162,7 +162,14 @@ def run_bench(run_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
             gpre = pre.with_input(cand.graph_input, graph_dtype)  # the tensor this artefact's graph takes
             with runner:
                 rss_loaded = _rss_mib()
-                logits = run_logits(runner.infer, evalset, 32, gpre)
+                with progress() as prog:
+                    task = prog.add_task(f"{cand.name}: accuracy (val)", total=len(evalset), info="")
+
+                    def infer(x: np.ndarray, runner: Any = runner, task: Any = task, prog: Any = prog) -> Any:
+                        out = runner.infer(x)
+                        prog.advance(task, len(x))
+                        return out
+                    logits = run_logits(infer, evalset, 32, gpre)
                 if ref is None:
                     ref = logits
                 acc = compare(logits, ref, evalset.labels)
@@ -170,15 +177,26 @@ def run_bench(run_dir: str | Path, cfg: BenchConfig) -> dict[str, Any]:
                 summ = classification_summary(logits, evalset.labels, card["classes"])
                 acc.update(top5=summ.get("top5"), per_class_accuracy=summ["per_class_accuracy"])
                 lat = []
-                for b in cfg.batches:
-                    x = evalset.first(b, gpre)
-                    m = latency.measure_model(runner, x, warmup=cfg.warmup, budget_s=cfg.budget_s, min_iters=cfg.min_iters)
-                    lat.append({"mode": "model", **m})
-                    if cfg.end_to_end:
-                        fb = (files * (-(-b // len(files))))[:b]
-                        e = latency.measure_end_to_end(runner, fb, gpre, warmup=2, budget_s=cfg.budget_s / 2,
-                                                       min_iters=max(3, cfg.min_iters // 2))
-                        lat.append({"mode": "end_to_end", **e})
+                # drawn between measurements only: no drawing thread shares the cores with the timed calls
+                with progress(auto_refresh=False) as prog:
+                    task = prog.add_task(f"{cand.name}: latency", info="",
+                                         total=len(cfg.batches) * (2 if cfg.end_to_end else 1))
+                    for b in cfg.batches:
+                        prog.update(task, info=f"batch {b}")
+                        prog.refresh()
+                        x = evalset.first(b, gpre)
+                        m = latency.measure_model(runner, x, warmup=cfg.warmup, budget_s=cfg.budget_s,
+                                                  min_iters=cfg.min_iters)
+                        lat.append({"mode": "model", **m})
+                        prog.update(task, advance=1, info=f"batch {b}: p50 {m['p50_ms']:.2f} ms")
+                        prog.refresh()
+                        if cfg.end_to_end:
+                            fb = (files * (-(-b // len(files))))[:b]
+                            e = latency.measure_end_to_end(runner, fb, gpre, warmup=2, budget_s=cfg.budget_s / 2,
+                                                           min_iters=max(3, cfg.min_iters // 2))
+                            lat.append({"mode": "end_to_end", **e})
+                            prog.update(task, advance=1, info=f"batch {b}: end to end p50 {e['p50_ms']:.2f} ms")
+                            prog.refresh()
                 desc = runner.describe()
         except TledgeError as exc:
             # a known, explained condition (e.g. an engine built for another GPU): listed, not hidden

@@ -128,13 +128,20 @@ def check(onnx_path: str | os.PathLike, ref_logits: np.ndarray, evalset: Any, la
           max_abs_tol: float, min_agreement: float = 0.999, threads: int | None = None,
           what: str = "ONNX FP32") -> dict[str, Any]:
     """onnxruntime against the reference logits on real validation images; AccuracyError past tolerance."""
+    from tledge.console import progress
     from tledge.evalset import compare, run_logits
     from tledge.runtimes.onnxruntime import OrtRunner
 
     onnx = optional_import("onnx")
     onnx.checker.check_model(str(onnx_path))
-    with OrtRunner(onnx_path, "cpu", threads) as r:
-        logits = run_logits(r.infer, evalset)
+    with OrtRunner(onnx_path, "cpu", threads) as r, progress() as prog:
+        task = prog.add_task(f"{what} check (val)", total=len(evalset), info="")
+
+        def infer(x: np.ndarray) -> np.ndarray:
+            out = r.infer(x)
+            prog.advance(task, len(x))
+            return out
+        logits = run_logits(infer, evalset)
     res = compare(logits, ref_logits, labels)
     res["tolerance"] = {"max_abs_logit_diff": max_abs_tol, "min_top1_agreement": min_agreement}
     if res["max_abs_logit_diff"] > max_abs_tol or res["top1_agreement"] < min_agreement:

@@ -76,6 +76,8 @@ def _export(run: Path, stage: Path, card: dict[str, Any], pre: Any, cfg: ExportC
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = load_classifier(run, card)
+    note(f"exporting {card['backbone']['name']} at {card['preprocess']['crop']} px to ONNX (opset {cfg.opset}, "
+         "dynamic batch)")
     fp32_path = artefacts.path(stage, "fp32")
     manifest["artefacts"]["fp32"] = onnx_io.file_info(onnx_io.export(model, card, fp32_path, cfg.opset))
     rep = scan_for_run(run, card)
@@ -107,7 +109,10 @@ def _export(run: Path, stage: Path, card: dict[str, Any], pre: Any, cfg: ExportC
         onnx_io.set_metadata(half, {**onnx_io.metadata(card), "tledge.precision": "fp16"})
         p = artefacts.path(stage, "fp16")
         onnx_io.save_model(half, p)
-        c = compare(ort.logits(half, evalset.batches(32), cfg.threads), ref, evalset.labels)
+        with progress() as prog:
+            task = prog.add_task("FP16 check (val)", total=len(evalset), info="")
+            c = compare(ort.logits(half, evalset.batches(32), cfg.threads, advance=lambda n: prog.advance(task, n)),
+                        ref, evalset.labels)
         manifest["artefacts"]["fp16"] = onnx_io.file_info([p])
         manifest["checks"]["fp16"] = {**c, **info}
         note(f"FP16: val top-1 {c['top1']:.4f} (drop {c['drop_points']:.2f} pt), max |logit diff| "
