@@ -17,7 +17,7 @@ from tledge.export.config import ExportConfig
 from tledge.export.int8.context import Int8Context
 from tledge.export.int8.gate import gate
 from tledge.export.int8.plan import Plan
-from tledge.export.int8.quantize import PAD_SUFFIX, activation_quantizers, centred_offsets, check_tensorrt_qdq
+from tledge.export.int8.quantize import activation_quantizers, centre_pad_nodes, centred_offsets, check_tensorrt_qdq
 from tledge.export.int8.samples import calibration_samples, judge_split
 from tledge.fsutil import write_json
 
@@ -96,7 +96,7 @@ def centre_record(ctx: Int8Context, state: Any, q: Any, record: dict[str, Any] |
     offsets = centred_offsets(q)
     act = [n.input[0] for n in activation_quantizers(q)]
     centred = [t for t in act if t in offsets]
-    pads = sum(n.op_type == "Pad" and n.name.endswith(PAD_SUFFIX) for n in q.graph.node)
+    pads = len(centre_pad_nodes(q))
     replayed = ctx.replay.forms.get(state.form) if ctx.replay is not None else None
     recorded = replayed.centred if replayed is not None else None
     if recorded is not None and recorded != len(centred):
@@ -113,8 +113,9 @@ def centre_record(ctx: Int8Context, state: Any, q: Any, record: dict[str, Any] |
         from tledge.export.int8.passes.pads import pad_explicitly
         kept = record.get("kept", "cheap")
         agreement = record.get("scores", {}).get(kept, record.get("check", {})).get("agreement")
-        more = len(pad_explicitly(ctx.base)[1])
-        if more and agreement is not None and agreement < ctx.cfg.quant.target_agreement:
+        missed = agreement is not None and agreement < ctx.cfg.quant.target_agreement
+        more = len(pad_explicitly(ctx.base)[1]) if missed else 0  # (a copy of the graph: only when it can matter)
+        if more:
             out["padded_would_add"] = more
             note(f"INT8 {state.form}: the kept recipe agrees with FP32 on {agreement:.1%} of the judge images "
                  f"(target {ctx.cfg.quant.target_agreement:.0%}); --centre padded would centre {more} more "

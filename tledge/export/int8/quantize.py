@@ -164,6 +164,11 @@ OFFSETS_KEY = "tledge.centred_offsets"
 PAD_SUFFIX = "__CentrePad"   # the Pad the ``pads`` graph pass put in front of <conv>'s quantizer: "<conv>__CentrePad"
 
 
+def centre_pad_nodes(model: Any) -> list[Any]:
+    """The Pad nodes the ``pads`` graph pass put into ``model`` (named "<conv>" + PAD_SUFFIX)."""
+    return [n for n in model.graph.node if n.op_type == "Pad" and n.name.endswith(PAD_SUFFIX)]
+
+
 def _const(model: Any, name: str) -> float | None:
     """The scalar value of initializer ``name``, else None."""
     from onnx import numpy_helper
@@ -310,8 +315,8 @@ def _fold_zero_pads(model: Any) -> None:
     convs = {n.name: n for n in g.node if n.op_type == "Conv"}
     producer = {o: n for n in g.node for o in n.output}
     drop = []
-    for pad in g.node:
-        if pad.op_type != "Pad" or not pad.name.endswith(PAD_SUFFIX) or (len(pad.input) > 2 and pad.input[2]):
+    for pad in centre_pad_nodes(model):
+        if len(pad.input) > 2 and pad.input[2]:  # pads with a value (centred): not ours to give back
             continue
         conv, clip = convs.get(pad.name[: -len(PAD_SUFFIX)]), producer.get(pad.input[0])
         if conv is None or clip is None or clip.op_type != "Clip" or pad.input[1] not in inits:
