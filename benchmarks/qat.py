@@ -11,7 +11,7 @@ agreement of onnxruntime's optimised and reference sessions of the same graph (o
 
 Usage: python benchmarks/qat.py [--backbones mobilenet_v2,efficientnet_lite0] [--sizes 112] [--steps 300]
         [--scales fixed,learned] [--lrs 1e-5,3e-5] [--form both|tensorrt|cpu] [--centre exact|off|padded]
-        [--no-ptq] [--out qat]
+        [--no-ptq] [--augment off|on|off,on] [--out qat]
 Writes benchmarks/results/<out>.json (qat.json by default), after every export.
 """
 from __future__ import annotations
@@ -64,14 +64,15 @@ def torch_match(path: Path, ev, n: int = 2000) -> dict:
 
 def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, tmp: Path, done: list,
           out: str, lrs: list[str] | None = None, forms: tuple[str, ...] = ("tensorrt", "cpu"), ptq: bool = True,
-          centre: str = "") -> dict:
+          centre: str = "", augments: tuple[bool, ...] = (False,)) -> dict:
     base, _, ev, ref = tuned_reference(name, size, test_dir, tmp)
     rows, detail = [], {}
     only = ([] if len(forms) == 2 else ["--form", forms[0]]) + (["--centre", centre] if centre else [])
     configs = ([("PTQ default", only)] if ptq else []) + [
-        (f"QAT {s} scales" + (f" lr {lr}" if lr else ""),
-         ["--qat", "--qat-steps", str(steps), "--qat-scales", s, *(["--qat-lr", lr] if lr else []), *only])
-        for s in scales for lr in (lrs or [""])]
+        (f"QAT {s} scales" + (f" lr {lr}" if lr else "") + (" augmented" if aug else ""),
+         ["--qat", "--qat-steps", str(steps), "--qat-scales", s, *(["--qat-lr", lr] if lr else []),
+          *(["--qat-augment"] if aug else []), *only])
+        for s in scales for lr in (lrs or [""]) for aug in augments]
     for label, extra in configs:
         run = tmp / f"{base.name}-{len(detail)}"
         shutil.copytree(base, run)
@@ -113,8 +114,11 @@ def main() -> None:
     ap.add_argument("--centre", default="", choices=["", *CENTRE_MODES],
                     help="tledge export --centre for every export (default: tledge's)")
     ap.add_argument("--no-ptq", action="store_true", help="skip the PTQ default export (QAT rows only)")
+    ap.add_argument("--augment", default="off", help="QAT with --qat-augment off, on, or both (off,on)")
     ap.add_argument("--out", default="qat", help="results file name under benchmarks/results (no .json)")
     args = ap.parse_args()
+    if not set(args.augment.split(",")) <= {"off", "on"}:
+        ap.error(f"--augment {args.augment}: off, on or off,on")
     import os
     os.environ.setdefault("TLEDGE_PROGRESS", "0")
     tune_allocator()
@@ -128,7 +132,7 @@ def main() -> None:
                 r = bench(name, size, args.steps, args.scales.split(","), test_dir, tmp, results, args.out,
                           [x for x in args.lrs.split(",") if x],
                           ("tensorrt", "cpu") if args.form == "both" else (args.form,), not args.no_ptq,
-                          args.centre)
+                          args.centre, tuple(a == "on" for a in args.augment.split(",")))
                 results.append(r)
                 r["centre"] = args.centre or "default"
                 print(f"\n== {name} @ {size}px, {r['test_images']} test images: "

@@ -200,7 +200,7 @@ def test_qat_auto_runs_from_the_gate_before_any_fallback(default_run_64: Path, t
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     run = copy_run(default_run_64, tmp_path / "run")
     # the CPU form's PTQ drop at 64 px is 0.30 pt: --max-drop 0 misses it, so the gate runs QAT first
-    cfg = export_cfg(max_drop=0.0, fallback=False, forms=("cpu",), qat="auto", qat_steps=6)
+    cfg = export_cfg(max_drop=0.0, fallback=False, forms=("cpu",), qat="auto", qat_steps=6, qat_augment=True)
     try:
         m = run_export(run, cfg)
         assert "rescue" in m["int8"]["gate"]["cpu"] and m["int8"]["gate"]["cpu"]["final"]["drop_points"] <= 0
@@ -208,6 +208,7 @@ def test_qat_auto_runs_from_the_gate_before_any_fallback(default_run_64: Path, t
         assert "--no-fallback" in e.what
     err = capsys.readouterr().err
     assert "fine-tuning through the quantizers (--qat auto)" in err and "after QAT" in err
+    assert "training images (shifted and flipped, mixup)" in " ".join(err.split())  # --qat-augment's path ran
 
 
 def test_qat_that_finds_nothing_keeps_the_ptq_graph_and_says_so(default_run_64: Path, tmp_path: Path,
@@ -220,7 +221,8 @@ def test_qat_that_finds_nothing_keeps_the_ptq_graph_and_says_so(default_run_64: 
     run = copy_run(default_run_64, tmp_path / "run")
     m = run_export(run, export_cfg(forms=("tensorrt",), qat="on", qat_steps=10, qat_lr=1.0))
     rec = m["int8"]["forms"]["tensorrt"]["qat"]
-    assert rec["details"]["best_step"] == 0 and rec["details"]["steps_run"] > 0
+    # checks every step (10 steps); the 2 warm-up checks do not count, then --qat-patience 5 checks: stopped at 7
+    assert rec["details"]["best_step"] == 0 and rec["details"]["steps_run"] == 2 + 5 and rec["details"]["patience"] == 5
     assert rec["decision"].startswith("no step lowered the held-out KL") and "PTQ start kept" in rec["decision"]
     assert "warning: INT8 tensorrt: QAT no step lowered" in " ".join(capsys.readouterr().err.split())
     assert (run / FILES["int8-tensorrt"]).read_bytes() == (ptq / FILES["int8-tensorrt"]).read_bytes()

@@ -462,6 +462,11 @@ def expected_seconds(net: Any, x: Any, teacher: Any, opt_step: Any, teacher_net:
 WARMUP = 0.2
 
 
+def warmup_steps(steps: int) -> int:
+    """The steps of the learning rate's linear warm-up (the first WARMUP of ``steps``, at least 1)."""
+    return max(1, round(WARMUP * steps))
+
+
 def lr_factor(step: int, steps: int) -> float:
     """The learning rate's multiplier at ``step`` (1-based) of ``steps``: a linear warm-up over the first
     WARMUP of the steps, then a cosine decay to 0. Adam's first steps move every parameter by about its full
@@ -469,10 +474,27 @@ def lr_factor(step: int, steps: int) -> float:
     at 64 px it is not what made learned scales fail (warm-up 0.2 and 0.5 did not stop the TensorRT form's
     held-out KL rising); with fixed scales and this schedule both forms' held-out KL fell."""
     import math
-    warm = max(1, round(WARMUP * steps))
+    warm = warmup_steps(steps)
     if step <= warm:
         return step / warm
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def augment(x: Any, rng: np.random.Generator) -> Any:
+    """Each image of the batch ``x`` (N, C, H, W) shifted by up to H/8 and W/8 pixels each way (its edge pixels
+    repeated into the gap, so a plain background stays plain) and flipped left-right with probability 1/2, all
+    drawn from ``rng`` (seeded: the same images on every machine). The teacher is run on the very images the
+    student sees, which is what lets distillation use images the dataset does not hold (Beyer et al. 2022,
+    "Knowledge distillation: a good teacher is patient and consistent")."""
+    import torch
+    import torch.nn.functional as F
+    n, _, h, w = x.shape
+    mh, mw = max(1, h // 8), max(1, w // 8)
+    flips = rng.random(n) < 0.5
+    dy, dx = rng.integers(0, 2 * mh + 1, n), rng.integers(0, 2 * mw + 1, n)
+    xp = F.pad(x, (mw, mw, mh, mh), mode="replicate")
+    out = [xp[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)]
+    return torch.stack([im.flip(-1) if f else im for im, f in zip(out, flips)])
 
 
 def distill_loss(z: Any, t: Any) -> Any:
@@ -491,7 +513,8 @@ class Qat:
         q = cfg.quant
         if q.qat == "off":
             return False, "--qat off"
-        return True, f"{q.qat_steps} steps of batch {q.qat_batch}, scales {q.qat_scales}"
+        return True, (f"{q.qat_steps} steps of batch {q.qat_batch}, scales {q.qat_scales}"
+                      + (", augmented images" if q.qat_augment else ""))
 
     def run(self, state: FormState, ctx: Int8Context) -> PassRecord:
         import torch
@@ -519,19 +542,24 @@ class Qat:
         with torch_threads():
             torch.manual_seed(1357)
             net = build(q, cfg.qat_scales == "learned").to_device(dev)
-            teacher_net = build(ctx.base).to_device(dev).eval() if cfg.qat_mix > 0 else None
+            fresh = cfg.qat_mix > 0 or cfg.qat_augment   # new images each step: the teacher runs on them
+            teacher_net = build(ctx.base).to_device(dev).eval() if fresh else None
             mix_rng = np.random.default_rng(8642)
+            aug_rng = np.random.default_rng(9753)
 
             def mixed(xb: Any) -> tuple[Any, Any]:
-                """Mixup of a batch (pairs of images, Beta(a, a) weights) and the FP32 teacher's logits on it."""
-                lam = torch.from_numpy(mix_rng.beta(cfg.qat_mix, cfg.qat_mix, len(xb)).astype(np.float32))
-                lam = lam.to(dev).view(-1, 1, 1, 1)
-                perm = torch.from_numpy(mix_rng.permutation(len(xb))).to(dev)
-                xm = lam * xb + (1 - lam) * xb[perm]
+                """The batch augmented (--qat-augment), then mixup (pairs of images, Beta(a, a) weights; --qat-mix
+                above 0), and the FP32 teacher's logits on the result."""
+                xm = augment(xb, aug_rng) if cfg.qat_augment else xb
+                if cfg.qat_mix > 0:
+                    lam = torch.from_numpy(mix_rng.beta(cfg.qat_mix, cfg.qat_mix, len(xm)).astype(np.float32))
+                    lam = lam.to(dev).view(-1, 1, 1, 1)
+                    perm = torch.from_numpy(mix_rng.permutation(len(xm))).to(dev)
+                    xm = lam * xm + (1 - lam) * xm[perm]
                 with torch.no_grad():
                     return xm, torch.cat([teacher_net(xm[i:i + 64]) for i in range(0, len(xm), 64)])
 
-            if teacher_net is not None:  # early stopping also sees mixed held-out images, fixed once
+            if teacher_net is not None:  # early stopping also sees mixed (augmented) held-out images, fixed once
                 xm, tm = mixed(xh)
                 xh, th = torch.cat([xh, xm]), torch.cat([th, tm])
 
@@ -561,13 +589,16 @@ class Qat:
             every = max(1, cfg.qat_steps // 10)
             n_checks = cfg.qat_steps // every + (cfg.qat_steps % every != 0)
             expected = per_step * cfg.qat_steps + per_check * n_checks
+            kind = ", ".join(w for w, on in (("shifted and flipped", cfg.qat_augment), ("mixup", cfg.qat_mix > 0)) if on)
             note(f"QAT ({state.form}, {dev.type}): {cfg.qat_steps} steps of batch {b} on {len(fit)} training images "
+                 + (f"({kind}) " if kind else "") +
                  f"({n_hold} held out for early stopping, checked {n_checks} times); expected about "
                  f"{expected / 60:.1f} min here (at most: early stopping may end it sooner)")
             best = {"step": 0, "loss": loss0, "agreement": agree0,
                     "state": {k: v.detach().clone() for k, v in net.state_dict().items()}}
             history = [{"step": 0, "held_out_kl": loss0, "held_out_agreement": agree0}]
             bad = 0
+            warm = warmup_steps(cfg.qat_steps)   # patience: checks up to the end of the warm-up do not count
             spent = {"steps_s": 0.0, "checks_s": per_check}   # for the record only: no decision reads them
             with progress() as prog:
                 task = prog.add_task(f"QAT ({state.form})", total=cfg.qat_steps, info="")
@@ -577,7 +608,7 @@ class Qat:
                         grp["lr"] = lr0 * lr_factor(step, cfg.qat_steps)
                     xb, tb = torch.from_numpy(x_all[idx]).to(dev), torch.from_numpy(teacher[idx]).to(dev)
                     if teacher_net is not None:  # mixup: images between two classes, where the decisions are made
-                        xb, tb = mixed(xb)
+                        xb, tb = mixed(xb)         # (and with --qat-augment, images the dataset does not hold)
                     loss = distill_loss(net(xb), tb)
                     opt.zero_grad()
                     loss.backward()
@@ -594,7 +625,7 @@ class Qat:
                             best = {"step": step, "loss": hl, "agreement": ha,
                                     "state": {k: v.detach().clone() for k, v in net.state_dict().items()}}
                             bad = 0
-                        else:
+                        elif step > warm:
                             bad += 1
                             if bad >= cfg.qat_patience:
                                 break
@@ -619,5 +650,6 @@ class Qat:
                           f"distilled from FP32 logits on {len(fit)} training images, {n_hold} held out",
                           details={"history": history, "best_step": best["step"], "steps_run": history[-1]["step"],
                                    "scales": cfg.qat_scales, "lr": cfg.qat_lr, "batch": b, "device": dev.type,
+                                   "mix": cfg.qat_mix, "augment": cfg.qat_augment, "patience": cfg.qat_patience,
                                    "expected_s_per_step": round(per_step, 3), "expected_s": round(expected, 1),
                                    "steps_s": round(spent["steps_s"], 1), "checks_s": round(spent["checks_s"], 1)})
