@@ -204,6 +204,9 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @click.option("--qat-augment/--no-qat-augment", default=False, show_default=True,
               help="QAT: random shifts (up to 1/8 of the side) and horizontal flips of the distillation images, "
                    "the FP32 teacher run on the same images.")
+@click.option("--qat-ema", type=float, default=0.0, show_default=True,
+              help="QAT: check and keep an exponential moving average of the weights with this decay per step "
+                   "(e.g. 0.98) instead of the last step's; 0 is off.")
 @click.option("--qat-patience", type=click.IntRange(1), default=5, show_default=True,
               help="QAT: stop after this many held-out checks (every tenth of the steps) without a lower KL; checks "
                    "during the learning rate's warm-up do not count. The best checked step is what is kept.")
@@ -233,7 +236,7 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
            bias_correction_mode: str, no_head_refit: bool, refit_count: int, refit_distill: float, refit_dropout: float | None, centre: str,
            escalate: str, target_agreement: float, adaround: bool, adaround_iters: int, adaround_layers: int, qat: str,
            qat_steps: int, qat_batch: int, qat_lr: float, qat_scales: str, qat_mix: float, qat_augment: bool,
-           qat_patience: int, replay: Path | None, engine: str | None, batch: str, workspace: int, dla_core: int | None, timing_cache: Path | None,
+           qat_ema: float, qat_patience: int, replay: Path | None, engine: str | None, batch: str, workspace: int, dla_core: int | None, timing_cache: Path | None,
            input_kind: str, input_dtype: str, opset: int, simplify: bool, threads: int | None) -> None:
     """Export RUN as ONNX (checked against PyTorch), FP16/INT8 graphs and TensorRT engines."""
     from tledge.export.config import CalibConfig, EngineOptions, ExportConfig, GateConfig, Int8Config
@@ -251,7 +254,7 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
                          escalate=escalate, target_agreement=target_agreement, adaround=adaround,
                          adaround_iters=adaround_iters, adaround_layers=adaround_layers, qat=qat,
                          qat_steps=qat_steps, qat_batch=qat_batch, qat_lr=qat_lr, qat_scales=qat_scales,
-                         qat_mix=qat_mix, qat_augment=qat_augment, qat_patience=qat_patience,
+                         qat_mix=qat_mix, qat_augment=qat_augment, qat_ema=qat_ema, qat_patience=qat_patience,
                          replay=str(replay) if replay else None),
         gate=GateConfig(max_drop=max_drop, fallback=not no_fallback),
         engine=EngineOptions(engine=engine, batch=parse_batch(batch), workspace_mib=workspace, dla_core=dla_core,

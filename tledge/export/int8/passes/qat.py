@@ -514,7 +514,8 @@ class Qat:
         if q.qat == "off":
             return False, "--qat off"
         return True, (f"{q.qat_steps} steps of batch {q.qat_batch}, scales {q.qat_scales}"
-                      + (", augmented images" if q.qat_augment else ""))
+                      + (", augmented images" if q.qat_augment else "")
+                      + (f", weight average (decay {q.qat_ema})" if q.qat_ema else ""))
 
     def run(self, state: FormState, ctx: Int8Context) -> PassRecord:
         import torch
@@ -580,6 +581,11 @@ class Qat:
                     return float(distill_loss(z, th)), float((z.argmax(1) == th.argmax(1)).float().mean())
 
             b = cfg.qat_batch
+            # --qat-ema: the held-out checks and the result use an exponential moving average of the weights
+            # and biases (decay d per step) instead of the last step's, which one noisy batch has moved
+            ema_d = cfg.qat_ema
+            live = {f"w.{k}": v for k, v in net.w.items()} | {f"b.{k}": v for k, v in net.b.items()}
+            ema = {k_: p_.detach().clone() for k_, p_ in live.items()} if ema_d else {}
             batch_idx = [fit[(i * b + np.arange(b)) % len(fit)] for i in range(cfg.qat_steps)]
             per_step = expected_seconds(net, torch.from_numpy(x_all[batch_idx[0]]).to(dev),
                                         torch.from_numpy(teacher[batch_idx[0]]).to(dev), make_opt, teacher_net)
@@ -613,11 +619,20 @@ class Qat:
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    if ema_d:
+                        with torch.no_grad():
+                            for k_, p_ in live.items():
+                                ema[k_].mul_(ema_d).add_(p_.detach(), alpha=1 - ema_d)
                     spent["steps_s"] += time.perf_counter() - t_step
                     prog.advance(task, 1)
                     maybe_interrupt(f"qat:{step}")
                     if step % every == 0 or step == cfg.qat_steps:
                         t_check = time.perf_counter()
+                        if ema_d:  # check (and keep) the averaged weights, then train on from the live ones
+                            saved = {k_: p_.detach().clone() for k_, p_ in live.items()}
+                            with torch.no_grad():
+                                for k_, p_ in live.items():
+                                    p_.copy_(ema[k_])
                         hl, ha = held_out()
                         spent["checks_s"] += time.perf_counter() - t_check
                         history.append({"step": step, "held_out_kl": hl, "held_out_agreement": ha})
@@ -627,8 +642,12 @@ class Qat:
                             bad = 0
                         elif step > warm:
                             bad += 1
-                            if bad >= cfg.qat_patience:
-                                break
+                        if ema_d:
+                            with torch.no_grad():
+                                for k_, p_ in live.items():
+                                    p_.copy_(saved[k_])
+                        if bad >= cfg.qat_patience:
+                            break
             net.load_state_dict(best["state"])
         if best["step"] == 0:
             # No step came closer to FP32 on the held-out images: ``state`` is left as it was, so the graph is the
@@ -651,5 +670,6 @@ class Qat:
                           details={"history": history, "best_step": best["step"], "steps_run": history[-1]["step"],
                                    "scales": cfg.qat_scales, "lr": cfg.qat_lr, "batch": b, "device": dev.type,
                                    "mix": cfg.qat_mix, "augment": cfg.qat_augment, "patience": cfg.qat_patience,
+                                   "ema": cfg.qat_ema,
                                    "expected_s_per_step": round(per_step, 3), "expected_s": round(expected, 1),
                                    "steps_s": round(spent["steps_s"], 1), "checks_s": round(spent["checks_s"], 1)})
