@@ -586,6 +586,11 @@ class Qat:
             ema_d = cfg.qat_ema
             live = {f"w.{k}": v for k, v in net.w.items()} | {f"b.{k}": v for k, v in net.b.items()}
             ema = {k_: p_.detach().clone() for k_, p_ in live.items()} if ema_d else {}
+
+            def swap_ema() -> None:
+                """Exchange the live weights and biases with their averages (twice: back as they were)."""
+                for k_, p_ in live.items():
+                    p_.data, ema[k_] = ema[k_], p_.data
             batch_idx = [fit[(i * b + np.arange(b)) % len(fit)] for i in range(cfg.qat_steps)]
             per_step = expected_seconds(net, torch.from_numpy(x_all[batch_idx[0]]).to(dev),
                                         torch.from_numpy(teacher[batch_idx[0]]).to(dev), make_opt, teacher_net)
@@ -629,10 +634,7 @@ class Qat:
                     if step % every == 0 or step == cfg.qat_steps:
                         t_check = time.perf_counter()
                         if ema_d:  # check (and keep) the averaged weights, then train on from the live ones
-                            saved = {k_: p_.detach().clone() for k_, p_ in live.items()}
-                            with torch.no_grad():
-                                for k_, p_ in live.items():
-                                    p_.copy_(ema[k_])
+                            swap_ema()
                         hl, ha = held_out()
                         spent["checks_s"] += time.perf_counter() - t_check
                         history.append({"step": step, "held_out_kl": hl, "held_out_agreement": ha})
@@ -643,9 +645,7 @@ class Qat:
                         elif step > warm:
                             bad += 1
                         if ema_d:
-                            with torch.no_grad():
-                                for k_, p_ in live.items():
-                                    p_.copy_(saved[k_])
+                            swap_ema()
                         if bad >= cfg.qat_patience:
                             break
             net.load_state_dict(best["state"])
