@@ -11,7 +11,7 @@ agreement of onnxruntime's optimised and reference sessions of the same graph (o
 
 Usage: python benchmarks/qat.py [--backbones mobilenet_v2,efficientnet_lite0] [--sizes 112] [--steps 300]
         [--scales fixed,learned] [--lrs 1e-5,3e-5] [--form both|tensorrt|cpu] [--centre exact|off|padded]
-        [--no-ptq] [--augment off|on|off,on] [--out qat]
+        [--no-ptq] [--augment off|on|off,on] [--ema 0,0.98] [--seeds 0,1,2] [--no-torch-match] [--out qat]
 Writes benchmarks/results/<out>.json (qat.json by default), after every export.
 """
 from __future__ import annotations
@@ -64,15 +64,17 @@ def torch_match(path: Path, ev, n: int = 2000) -> dict:
 
 def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, tmp: Path, done: list,
           out: str, lrs: list[str] | None = None, forms: tuple[str, ...] = ("tensorrt", "cpu"), ptq: bool = True,
-          centre: str = "", augments: tuple[bool, ...] = (False,)) -> dict:
+          centre: str = "", augments: tuple[bool, ...] = (False,), emas: tuple[str, ...] = ("",),
+          seeds: tuple[int, ...] = (0,), match: bool = True) -> dict:
     base, _, ev, ref = tuned_reference(name, size, test_dir, tmp)
     rows, detail = [], {}
     only = ([] if len(forms) == 2 else ["--form", forms[0]]) + (["--centre", centre] if centre else [])
     configs = ([("PTQ default", only)] if ptq else []) + [
-        (f"QAT {s} scales" + (f" lr {lr}" if lr else "") + (" augmented" if aug else ""),
+        (f"QAT {s} scales" + (f" lr {lr}" if lr else "") + (" augmented" if aug else "")
+         + (f" ema {ema}" if ema else "") + (f" seed {seed}" if len(seeds) > 1 or seed else ""),
          ["--qat", "--qat-steps", str(steps), "--qat-scales", s, *(["--qat-lr", lr] if lr else []),
-          *(["--qat-augment"] if aug else []), *only])
-        for s in scales for lr in (lrs or [""]) for aug in augments]
+          *(["--qat-augment"] if aug else []), *(["--qat-ema", ema] if ema else []), "--qat-seed", str(seed), *only])
+        for s in scales for lr in (lrs or [""]) for aug in augments for ema in emas for seed in seeds]
     for label, extra in configs:
         run = tmp / f"{base.name}-{len(detail)}"
         shutil.copytree(base, run)
@@ -88,7 +90,7 @@ def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, t
                          "kept_float": {f: g["kept_float"] for f, g in m["int8"]["gate"].items()}}
         for form in forms:
             f = run / f"model.int8.{'trt' if form == 'tensorrt' else 'cpu'}.onnx"
-            match = torch_match(f, ev)
+            match = torch_match(f, ev) if match else {}
             release_memory()  # its ~10 GB at 224 px would otherwise stay resident beside the next export child
             rows.append({"config": label, "form": form, **test_metrics(f, ev, ref), **match,
                          "val_drop_pt": m["checks"][f"int8-{form}"]["final"]["drop_points"],
@@ -103,6 +105,24 @@ def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, t
             "torch_top1": float((ref.argmax(1) == ev.labels).mean()), "steps": steps, "rows": rows, "detail": detail}
 
 
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """The rows of one config run with several --qat-seed values, summarised per config and form: the mean and
+    the range of the drop, the agreement and the QAT seconds (rows whose config has no seed are left out)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if " seed " in r["config"]:
+            groups.setdefault((r["config"].rsplit(" seed ", 1)[0], r["form"]), []).append(r)
+    out = []
+    for (config, form), rs in groups.items():
+        d, a = [r["drop_pt"] for r in rs], [r["agreement"] for r in rs]
+        q = [r["qat_s"] for r in rs if r["qat_s"] is not None]
+        out.append({"config": config, "form": form, "n": len(rs), "drop_pt": round(sum(d) / len(d), 3),
+                    "drop_range": f"{min(d):.2f}..{max(d):.2f}", "agreement": round(sum(a) / len(a), 4),
+                    "agreement_range": f"{min(a):.4f}..{max(a):.4f}",
+                    "qat_s": round(sum(q) / len(q), 1) if q else None})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", default="mobilenet_v2,efficientnet_lite0")
@@ -115,6 +135,10 @@ def main() -> None:
                     help="tledge export --centre for every export (default: tledge's)")
     ap.add_argument("--no-ptq", action="store_true", help="skip the PTQ default export (QAT rows only)")
     ap.add_argument("--augment", default="off", help="QAT with --qat-augment off, on, or both (off,on)")
+    ap.add_argument("--ema", default="", help="QAT --qat-ema decays to try (comma list; default: tledge's)")
+    ap.add_argument("--seeds", default="0", help="QAT --qat-seed values, each config run once per seed (comma list)")
+    ap.add_argument("--no-torch-match", action="store_true",
+                    help="skip the torch fake-quant vs onnxruntime comparison of every graph (accuracy rows only)")
     ap.add_argument("--out", default="qat", help="results file name under benchmarks/results (no .json)")
     args = ap.parse_args()
     if not set(args.augment.split(",")) <= {"off", "on"}:
@@ -132,7 +156,9 @@ def main() -> None:
                 r = bench(name, size, args.steps, args.scales.split(","), test_dir, tmp, results, args.out,
                           [x for x in args.lrs.split(",") if x],
                           ("tensorrt", "cpu") if args.form == "both" else (args.form,), not args.no_ptq,
-                          args.centre, tuple(a == "on" for a in args.augment.split(",")))
+                          args.centre, tuple(a == "on" for a in args.augment.split(",")),
+                          tuple(args.ema.split(",")), tuple(int(x) for x in args.seeds.split(",")),
+                          not args.no_torch_match)
                 results.append(r)
                 r["centre"] = args.centre or "default"
                 print(f"\n== {name} @ {size}px, {r['test_images']} test images: "
@@ -140,6 +166,11 @@ def main() -> None:
                 print(table(r["rows"], ["config", "form", "top1", "drop_pt", "agreement", "val_drop_pt", "qat_s",
                                         "export_s", "peak_mib", "torch_agreement", "torch_max_diff", "ort_floor",
                                         "node_differing"]))
+                if "," in args.seeds:
+                    r["over_seeds"] = over_seeds(r["rows"])
+                    print(f"\nover seeds {args.seeds} (mean, min..max):")
+                    print(table(r["over_seeds"], ["config", "form", "n", "drop_pt", "drop_range", "agreement",
+                                                  "agreement_range", "qat_s"]))
                 save(args.out, {"machine": machine(), "results": results, "seconds": round(time.perf_counter() - t0)})
     print(f"\nwrote {save(args.out, {'machine': machine(), 'results': results, 'seconds': round(time.perf_counter() - t0)})}")
 

@@ -210,6 +210,9 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
 @click.option("--qat-patience", type=click.IntRange(1), default=5, show_default=True,
               help="QAT: stop after this many held-out checks (every tenth of the steps) without a lower KL; checks "
                    "during the learning rate's warm-up do not count. The best checked step is what is kept.")
+@click.option("--qat-seed", type=click.IntRange(0), default=0, show_default=True,
+              help="QAT: seed of every random draw (held-out split, batch mixing and augmentation); another seed "
+                   "shows how much the result owes to the draw. The same seed gives the same graph on every machine.")
 @click.option("--replay", type=click.Path(path_type=Path), default=None,
               help="INT8: take every decision (ranges, bias correction, recipe, rounding, quantizers kept in float) "
                    "from this earlier export's manifest, e.g. the build server's, instead of making them here.")
@@ -236,7 +239,7 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
            bias_correction_mode: str, no_head_refit: bool, refit_count: int, refit_distill: float, refit_dropout: float | None, centre: str,
            escalate: str, target_agreement: float, adaround: bool, adaround_iters: int, adaround_layers: int, qat: str,
            qat_steps: int, qat_batch: int, qat_lr: float, qat_scales: str, qat_mix: float, qat_augment: bool,
-           qat_ema: float, qat_patience: int, replay: Path | None, engine: str | None, batch: str, workspace: int, dla_core: int | None, timing_cache: Path | None,
+           qat_ema: float, qat_patience: int, qat_seed: int, replay: Path | None, engine: str | None, batch: str, workspace: int, dla_core: int | None, timing_cache: Path | None,
            input_kind: str, input_dtype: str, opset: int, simplify: bool, threads: int | None) -> None:
     """Export RUN as ONNX (checked against PyTorch), FP16/INT8 graphs and TensorRT engines."""
     from tledge.export.config import CalibConfig, EngineOptions, ExportConfig, GateConfig, Int8Config
@@ -255,6 +258,7 @@ def export(run: Path, int8: bool, fp16: bool, forms: tuple[str, ...], method: st
                          adaround_iters=adaround_iters, adaround_layers=adaround_layers, qat=qat,
                          qat_steps=qat_steps, qat_batch=qat_batch, qat_lr=qat_lr, qat_scales=qat_scales,
                          qat_mix=qat_mix, qat_augment=qat_augment, qat_ema=qat_ema, qat_patience=qat_patience,
+                         qat_seed=qat_seed,
                          replay=str(replay) if replay else None),
         gate=GateConfig(max_drop=max_drop, fallback=not no_fallback),
         engine=EngineOptions(engine=engine, batch=parse_batch(batch), workspace_mib=workspace, dla_core=dla_core,

@@ -83,6 +83,8 @@ class Int8Config:
                                         # then the peak rate), where the same run to 300 found its best at step 210
     qat_ema: float = 0.0                # decay of an exponential moving average of the weights that the held-out
                                         # checks and the result use (0: off; the last step's weights)
+    qat_seed: int = 0                   # seed of QAT's draws (held-out split, mixup, augmentation); 0 is the draws
+                                        # every earlier release made
     qat_augment: bool = False           # shifts (up to 1/8 of the side, edge pixels repeated) and horizontal flips
                                         # of the distillation images before mixup, the FP32 teacher run on the same
                                         # images ("consistent" distillation, Beyer et al. 2022)
@@ -179,6 +181,8 @@ class ExportConfig:
         if not q.qat_mix >= 0:
             raise UsageError(f"--qat-mix {q.qat_mix} is not a mixup alpha (0 or more).", "pass e.g. --qat-mix 1.0, or 0 "
                              "to distil on the training images as they are.")
+        if q.qat_seed < 0:
+            raise UsageError(f"--qat-seed {q.qat_seed} is not a seed (0 or more).", "pass e.g. --qat-seed 1.")
         if not 0.0 <= q.qat_ema < 1.0:
             raise UsageError(f"--qat-ema {q.qat_ema} is not a moving-average decay in [0, 1).",
                              "pass e.g. --qat-ema 0.98, or 0 to keep the last step's weights.")

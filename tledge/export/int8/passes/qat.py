@@ -462,6 +462,12 @@ def expected_seconds(net: Any, x: Any, teacher: Any, opt_step: Any, teacher_net:
 WARMUP = 0.2
 
 
+def seeded(base: int, seed: int) -> np.random.Generator:
+    """The generator of one of QAT's draws under --qat-seed: seed 0 is ``base`` alone (the draws of every release
+    before the option), any other seed an independent stream of ``base`` and ``seed``."""
+    return np.random.default_rng(base if seed == 0 else [base, seed])
+
+
 def warmup_steps(steps: int) -> int:
     """The steps of the learning rate's linear warm-up (the first WARMUP of ``steps``, at least 1)."""
     return max(1, round(WARMUP * steps))
@@ -515,7 +521,8 @@ class Qat:
             return False, "--qat off"
         return True, (f"{q.qat_steps} steps of batch {q.qat_batch}, scales {q.qat_scales}"
                       + (", augmented images" if q.qat_augment else "")
-                      + (f", weight average (decay {q.qat_ema})" if q.qat_ema else ""))
+                      + (f", weight average (decay {q.qat_ema})" if q.qat_ema else "")
+                      + (f", seed {q.qat_seed}" if q.qat_seed else ""))
 
     def run(self, state: FormState, ctx: Int8Context) -> PassRecord:
         import torch
@@ -532,7 +539,7 @@ class Qat:
         train = train_images(ctx)
         x_all = np.concatenate(list(train.batches(256))) if len(train) else np.zeros((0,))
         teacher = train_teacher_logits(ctx).astype(np.float32)
-        rng = np.random.default_rng(2468)
+        rng = seeded(2468, cfg.qat_seed)
         order = rng.permutation(len(x_all))
         n_hold = max(32, len(x_all) // 10)
         hold, fit = order[:n_hold], order[n_hold:]
@@ -541,12 +548,12 @@ class Qat:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         xh, th = torch.from_numpy(x_all[hold]).to(dev), torch.from_numpy(teacher[hold]).to(dev)
         with torch_threads():
-            torch.manual_seed(1357)
+            torch.manual_seed(1357 + 7919 * cfg.qat_seed)
             net = build(q, cfg.qat_scales == "learned").to_device(dev)
             fresh = cfg.qat_mix > 0 or cfg.qat_augment   # new images each step: the teacher runs on them
             teacher_net = build(ctx.base).to_device(dev).eval() if fresh else None
-            mix_rng = np.random.default_rng(8642)
-            aug_rng = np.random.default_rng(9753)
+            mix_rng = seeded(8642, cfg.qat_seed)
+            aug_rng = seeded(9753, cfg.qat_seed)
 
             def mixed(xb: Any) -> tuple[Any, Any]:
                 """The batch augmented (--qat-augment), then mixup (pairs of images, Beta(a, a) weights; --qat-mix
@@ -670,6 +677,6 @@ class Qat:
                           details={"history": history, "best_step": best["step"], "steps_run": history[-1]["step"],
                                    "scales": cfg.qat_scales, "lr": cfg.qat_lr, "batch": b, "device": dev.type,
                                    "mix": cfg.qat_mix, "augment": cfg.qat_augment, "patience": cfg.qat_patience,
-                                   "ema": cfg.qat_ema,
+                                   "ema": cfg.qat_ema, "seed": cfg.qat_seed,
                                    "expected_s_per_step": round(per_step, 3), "expected_s": round(expected, 1),
                                    "steps_s": round(spent["steps_s"], 1), "checks_s": round(spent["checks_s"], 1)})
