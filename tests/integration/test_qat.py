@@ -196,6 +196,8 @@ def test_a_negative_mixup_alpha_is_refused() -> None:
     export_cfg(qat="on", qat_mix=0.0).validate()  # 0: no mixup, allowed
     with pytest.raises(UsageError, match="--qat-ema 1.0 is not a moving-average decay"):
         export_cfg(qat="on", qat_ema=1.0).validate()
+    with pytest.raises(UsageError, match="--qat-seed -1 is not a seed"):
+        export_cfg(qat="on", qat_seed=-1).validate()
 
 
 def test_qat_auto_runs_from_the_gate_before_any_fallback(default_run_64: Path, tmp_path: Path,
@@ -235,6 +237,7 @@ def test_a_killed_qat_export_restarts_cleanly(ptq_run: Path, tmp_path: Path) -> 
     run = copy_run(ptq_run, tmp_path / "run")
     before = (run / "export_manifest.json").read_bytes()
     args = [sys.executable, "-m", "tledge", "export", str(run), "--int8", "--qat", "--qat-steps", "12", "--qat-ema", "0.9",
+            "--qat-seed", "3",
             "--escalate", "off", "--max-drop", "100", "--threads", "2"]
     r = subprocess.run(args, env={**tledge_env(), "TLEDGE_KILL_AT": "qat:4"}, capture_output=True, text=True)
     assert r.returncode == -9, r.stderr
@@ -246,3 +249,4 @@ def test_a_killed_qat_export_restarts_cleanly(ptq_run: Path, tmp_path: Path) -> 
     assert set(m["int8"]["qat"]) == set(FORMS) and not (run / ".export-staging").exists()
     assert all(f in m["files"] for f in (qat_file("tensorrt"), qat_file("cpu")))
     assert all(m["int8"]["forms"][f]["qat"]["details"]["ema"] == 0.9 for f in FORMS)  # --qat-ema's path ran
+    assert all(m["int8"]["forms"][f]["qat"]["details"]["seed"] == 3 for f in FORMS)

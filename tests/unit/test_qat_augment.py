@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tledge.export.int8.passes.qat import augment
+from tledge.export.int8.passes.qat import augment, seeded
 
 
 def _batch() -> torch.Tensor:
@@ -47,3 +47,14 @@ def test_a_plain_background_stays_plain() -> None:
     y = augment(x, np.random.default_rng(1))
     assert set(torch.unique(y).tolist()) == {-0.5, 1.0}  # no zeros or other values padded in
     assert torch.all((y == 1.0).sum(dim=(1, 2, 3)) == 16)  # the object whole, moved, never cut by the window
+
+
+def test_qat_seed_0_keeps_the_earlier_draws_and_other_seeds_draw_anew() -> None:
+    """--qat-seed: seed 0 is each generator's base seed alone (the draws of exports before the option), any other
+    seed a reproducible stream of its own."""
+    base = 8642
+    assert np.array_equal(seeded(base, 0).permutation(100), np.random.default_rng(base).permutation(100))
+    one = seeded(base, 1).permutation(100)
+    assert np.array_equal(one, seeded(base, 1).permutation(100))
+    assert not np.array_equal(one, seeded(base, 0).permutation(100))
+    assert not np.array_equal(one, seeded(base, 2).permutation(100))
