@@ -65,7 +65,7 @@ def torch_match(path: Path, ev, n: int = 2000) -> dict:
 def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, tmp: Path, done: list,
           out: str, lrs: list[str] | None = None, forms: tuple[str, ...] = ("tensorrt", "cpu"), ptq: bool = True,
           centre: str = "", augments: tuple[bool, ...] = (False,), emas: tuple[str, ...] = ("",),
-          seeds: tuple[int, ...] = (0,), match: bool = True) -> dict:
+          seeds: tuple[int, ...] = (0,), torch_check: bool = True) -> dict:
     base, _, ev, ref = tuned_reference(name, size, test_dir, tmp)
     rows, detail = [], {}
     only = ([] if len(forms) == 2 else ["--form", forms[0]]) + (["--centre", centre] if centre else [])
@@ -90,7 +90,7 @@ def bench(name: str, size: int, steps: int, scales: list[str], test_dir: Path, t
                          "kept_float": {f: g["kept_float"] for f, g in m["int8"]["gate"].items()}}
         for form in forms:
             f = run / f"model.int8.{'trt' if form == 'tensorrt' else 'cpu'}.onnx"
-            match = torch_match(f, ev) if match else {}
+            match = torch_match(f, ev) if torch_check else {}
             release_memory()  # its ~10 GB at 224 px would otherwise stay resident beside the next export child
             rows.append({"config": label, "form": form, **test_metrics(f, ev, ref), **match,
                          "val_drop_pt": m["checks"][f"int8-{form}"]["final"]["drop_points"],

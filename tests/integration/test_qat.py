@@ -190,7 +190,7 @@ def test_qat_needs_int8(tmp_path: Path, ptq_run: Path) -> None:
     assert r.returncode == 2 and "add --int8" in r.stderr, r.stderr
 
 
-def test_a_negative_mixup_alpha_is_refused() -> None:
+def test_bad_qat_values_are_refused() -> None:
     with pytest.raises(UsageError, match="--qat-mix -0.5 is not a mixup alpha"):
         export_cfg(qat="on", qat_mix=-0.5).validate()
     export_cfg(qat="on", qat_mix=0.0).validate()  # 0: no mixup, allowed
