@@ -7,8 +7,10 @@ the FP16 graph and the default PTQ INT8 graph (`tledge export RUN --fp16 --int8 
   execution of the same graph (optimisations off: every Q/DQ computed in float, no fused INT8 kernels);
 - ``unstable``: the share of test images whose top-1 differs between those two correct executions of one graph
   (float summation order alone decides them), and how many of the graph's disagreements with FP32 are among them;
-- logit MSE against FP32, and agreement per bucket of FP32's top-1 logit margin (top-1 minus runner-up), with the
-  share of test images in each bucket; agreement between the PTQ and the QAT graph.
+- logit MSE against FP32 (also of logits centred per image, which is what softmax sees, and the KL from FP32's
+  class distribution), the centred logit MSE between the two executions, and agreement per bucket of FP32's
+  top-1 logit margin (top-1 minus runner-up), with the share of test images in each bucket; agreement between
+  the PTQ and the QAT graph.
 
 Reading: a disagreement with FP32 that flips with summation order is noise at FP32's decision boundary; training
 moves where the noise falls, not whether there is some.
@@ -51,6 +53,15 @@ def graph_logits(path: Path, ev, optimize: bool) -> np.ndarray:
     return ort.logits(q, (ev.pre.finish(x[i:i + 100]) for i in range(0, len(x), 100)), threads=2, optimize=optimize)
 
 
+def kl(t: np.ndarray, z: np.ndarray) -> float:
+    """Mean KL(softmax(t) || softmax(z)) over rows."""
+    def log_softmax(v: np.ndarray) -> np.ndarray:
+        v = v.astype(np.float64) - v.max(1, keepdims=True)
+        return v - np.log(np.exp(v).sum(1, keepdims=True))
+    lt, lz = log_softmax(t), log_softmax(z)
+    return float((np.exp(lt) * (lt - lz)).sum(1).mean())
+
+
 def analyse(label: str, z: np.ndarray, z0: np.ndarray, ref: np.ndarray) -> dict:
     top, top0, want = z.argmax(1), z0.argmax(1), ref.argmax(1)
     unstable = top != top0
@@ -67,6 +78,12 @@ def analyse(label: str, z: np.ndarray, z0: np.ndarray, ref: np.ndarray) -> dict:
             "unstable": round(float(unstable.mean()), 4),
             "disagreements": int(disagree.sum()), "disagreements_unstable": int((disagree & unstable).sum()),
             "logit_mse": round(float(((z - ref) ** 2).mean()), 5),
+            # softmax and top-1 do not see a shift of all of an image's logits; these two do not either
+            "centred_logit_mse": round(float((((z - z.mean(1, keepdims=True)) - (ref - ref.mean(1, keepdims=True))) ** 2
+                                              ).mean()), 5),
+            "kl_fp32_to_graph": round(float(kl(ref, z)), 5),
+            "centred_mse_optimised_vs_reference": round(float((((z - z.mean(1, keepdims=True))
+                                                                - (z0 - z0.mean(1, keepdims=True))) ** 2).mean()), 5),
             "median_margin_of_disagreements": round(float(np.median(m[disagree])), 3) if disagree.any() else None,
             "per_margin": per_bucket}
 
@@ -125,7 +142,8 @@ def main() -> None:
                       + " / ".join(f"{v:.1%}" for v in list(r["fp32_margin_share"].values())[:3])
                       + f"; PTQ and QAT graphs agree on {r['ptq_vs_qat_agreement']:.2%}")
                 print(table(r["rows"], ["graph", "agreement", "agreement_reference_exec", "unstable", "disagreements",
-                                        "disagreements_unstable", "logit_mse", "median_margin_of_disagreements"]))
+                                        "disagreements_unstable", "logit_mse", "centred_logit_mse", "kl_fp32_to_graph",
+                                        "centred_mse_optimised_vs_reference", "median_margin_of_disagreements"]))
                 for row in r["rows"]:
                     print(f"  {row['graph']}: agreement by FP32 margin: " + ", ".join(
                         f"{b['margin']} ({b['share']:.1%} of images) {b['agreement']:.1%}" for b in row["per_margin"]

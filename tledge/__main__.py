@@ -1,4 +1,4 @@
-from tledge.cli import main
+from tledge.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

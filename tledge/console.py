@@ -38,3 +38,15 @@ def progress(auto_refresh: bool = True) -> Iterator[Progress]:
                  auto_refresh=auto_refresh, disable=not progress_enabled())
     with p:
         yield p
+
+
+@contextmanager
+def status(msg: str) -> Iterator[None]:
+    """``msg`` with a spinner while the block runs (a step of a few seconds that has no count to show, e.g.
+    loading PyTorch and a checkpoint); not a terminal: ``msg`` as a note, once."""
+    if not progress_enabled():
+        note(msg)
+        yield
+        return
+    with err.status(msg):
+        yield

@@ -11,7 +11,7 @@ import numpy as np
 
 import tledge
 from tledge import card as card_mod
-from tledge.console import note, progress, warn
+from tledge.console import note, progress, status, warn
 from tledge.data import scan_for_run
 from tledge.errors import AccuracyError, DataError
 from tledge.evalset import EvalSet, compare, run_logits
@@ -57,10 +57,12 @@ def run_export(run_dir: str | Path, cfg: ExportConfig) -> dict[str, Any]:
 
 def _export(run: Path, stage: Path, card: dict[str, Any], pre: Any, cfg: ExportConfig, want_engine: str | None,
             ckpt_sha: str, replay: Any = None) -> dict[str, Any]:
-    import torch
+    with status(f"loading PyTorch and the {card['backbone']['name']} checkpoint"):  # ~3 s that said nothing
+        import torch
 
+        from tledge.model import load_classifier
+        model = load_classifier(run, card)
     from tledge.export import tensorrt as trt_build
-    from tledge.model import load_classifier
 
     manifest: dict[str, Any] = {"tledge_version": tledge.__version__, "checkpoint_sha256": ckpt_sha,
                                 "config": cfg.to_dict(), "artefacts": {}, "checks": {}, "versions": _versions(),
@@ -75,7 +77,6 @@ def _export(run: Path, stage: Path, card: dict[str, Any], pre: Any, cfg: ExportC
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = load_classifier(run, card)
     note(f"exporting {card['backbone']['name']} at {card['preprocess']['crop']} px to ONNX (opset {cfg.opset}, "
          "dynamic batch)")
     fp32_path = artefacts.path(stage, "fp32")
