@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -106,6 +107,22 @@ def make_testset(dest: Path) -> Path:
     for i in range(len(y)):
         Image.fromarray(x[i], "L").save(dest / "val" / CLASSES[y[i]] / f"test_{i:05d}.png")
     return dest
+
+
+@contextmanager
+def test_image_grid(sizes: str, backbones: str) -> Iterator[Iterator[tuple[Path, Path, int, str]]]:
+    """A benchmark over the 10,000 test images: progress bars off in this process and its export children, the
+    allocator tuned, the test images as an ImageFolder in a temporary folder; yields an iterator of
+    (temporary folder, test folder, size, backbone) over ``sizes`` x ``backbones`` (comma lists), sizes outer."""
+    import tempfile
+
+    from tledge.perf import tune_allocator
+    os.environ.setdefault("TLEDGE_PROGRESS", "0")
+    tune_allocator()
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        test_dir = make_testset(tmp / "fashion-test10k")
+        yield ((tmp, test_dir, int(size), name) for size in sizes.split(",") for name in backbones.split(","))
 
 
 def tuned_reference(name: str, size: int, test_dir: Path, tmp: Path) -> tuple[Path, dict[str, Any], Any, np.ndarray]:

@@ -24,16 +24,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PY, machine, make_testset, run_child, save, table, tuned_reference  # noqa: E402
-
-from tledge.perf import tune_allocator  # noqa: E402
+from _common import PY, machine, run_child, save, table, test_image_grid, tuned_reference  # noqa: E402
 
 BUCKETS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, float("inf"))   # FP32 top-1 logit margin
 
@@ -125,30 +122,24 @@ def main() -> None:
     ap.add_argument("--form", default="tensorrt", choices=["tensorrt", "cpu"])
     ap.add_argument("--out", default="int8_noise_floor", help="results file name under benchmarks/results (no .json)")
     args = ap.parse_args()
-    import os
-    os.environ.setdefault("TLEDGE_PROGRESS", "0")
-    tune_allocator()
     results = []
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as t:
-        tmp = Path(t)
-        test_dir = make_testset(tmp / "fashion-test10k")
-        for size in (int(s) for s in args.sizes.split(",")):
-            for name in args.backbones.split(","):
-                r = bench(name, size, args.form, test_dir, tmp)
-                results.append(r)
-                print(f"\n== {name} @ {size}px, {r['test_images']} test images, {args.form} form: PyTorch FP32 top-1 "
-                      f"{r['torch_top1']:.4f}; FP32 top-1 logit margin below 0.25 / 0.5 / 1: "
-                      + " / ".join(f"{v:.1%}" for v in list(r["fp32_margin_share"].values())[:3])
-                      + f"; PTQ and QAT graphs agree on {r['ptq_vs_qat_agreement']:.2%}")
-                print(table(r["rows"], ["graph", "agreement", "agreement_reference_exec", "unstable", "disagreements",
-                                        "disagreements_unstable", "logit_mse", "centred_logit_mse", "kl_fp32_to_graph",
-                                        "centred_mse_optimised_vs_reference", "median_margin_of_disagreements"]))
-                for row in r["rows"]:
-                    print(f"  {row['graph']}: agreement by FP32 margin: " + ", ".join(
-                        f"{b['margin']} ({b['share']:.1%} of images) {b['agreement']:.1%}" for b in row["per_margin"]
-                        if b["agreement"] is not None))
-                save(args.out, {"machine": machine(), "results": results, "seconds": round(time.perf_counter() - t0)})
+    with test_image_grid(args.sizes, args.backbones) as grid:
+        for tmp, test_dir, size, name in grid:
+            r = bench(name, size, args.form, test_dir, tmp)
+            results.append(r)
+            print(f"\n== {name} @ {size}px, {r['test_images']} test images, {args.form} form: PyTorch FP32 top-1 "
+                  f"{r['torch_top1']:.4f}; FP32 top-1 logit margin below 0.25 / 0.5 / 1: "
+                  + " / ".join(f"{v:.1%}" for v in list(r["fp32_margin_share"].values())[:3])
+                  + f"; PTQ and QAT graphs agree on {r['ptq_vs_qat_agreement']:.2%}")
+            print(table(r["rows"], ["graph", "agreement", "agreement_reference_exec", "unstable", "disagreements",
+                                    "disagreements_unstable", "logit_mse", "centred_logit_mse", "kl_fp32_to_graph",
+                                    "centred_mse_optimised_vs_reference", "median_margin_of_disagreements"]))
+            for row in r["rows"]:
+                print(f"  {row['graph']}: agreement by FP32 margin: " + ", ".join(
+                    f"{b['margin']} ({b['share']:.1%} of images) {b['agreement']:.1%}" for b in row["per_margin"]
+                    if b["agreement"] is not None))
+            save(args.out, {"machine": machine(), "results": results, "seconds": round(time.perf_counter() - t0)})
     print(f"\nwrote {save(args.out, {'machine': machine(), 'results': results, 'seconds': round(time.perf_counter() - t0)})}")
 
 

@@ -20,15 +20,15 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PY, machine, make_testset, run_child, save, table, test_metrics, tuned_reference  # noqa: E402
+from _common import (PY, machine, run_child, save, table, test_image_grid, test_metrics,  # noqa: E402
+                     tuned_reference)
 
 from tledge.export.config import CENTRE_MODES  # noqa: E402
-from tledge.perf import release_memory, tune_allocator  # noqa: E402
+from tledge.perf import release_memory  # noqa: E402
 
 
 def torch_match(path: Path, ev, n: int = 2000) -> dict:
@@ -143,35 +143,29 @@ def main() -> None:
     args = ap.parse_args()
     if not set(args.augment.split(",")) <= {"off", "on"}:
         ap.error(f"--augment {args.augment}: off, on or off,on")
-    import os
-    os.environ.setdefault("TLEDGE_PROGRESS", "0")
-    tune_allocator()
     results = []
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as t:
-        tmp = Path(t)
-        test_dir = make_testset(tmp / "fashion-test10k")
-        for size in (int(s) for s in args.sizes.split(",")):
-            for name in args.backbones.split(","):
-                r = bench(name, size, args.steps, args.scales.split(","), test_dir, tmp, results, args.out,
-                          [x for x in args.lrs.split(",") if x],
-                          ("tensorrt", "cpu") if args.form == "both" else (args.form,), not args.no_ptq,
-                          args.centre, tuple(a == "on" for a in args.augment.split(",")),
-                          tuple(args.ema.split(",")), tuple(int(x) for x in args.seeds.split(",")),
-                          not args.no_torch_match)
-                results.append(r)
-                r["centre"] = args.centre or "default"
-                print(f"\n== {name} @ {size}px, {r['test_images']} test images: "
-                      f"PyTorch FP32 top-1 {r['torch_top1']:.4f}, --centre {r['centre']}")
-                print(table(r["rows"], ["config", "form", "top1", "drop_pt", "agreement", "val_drop_pt", "qat_s",
-                                        "export_s", "peak_mib", "torch_agreement", "torch_max_diff", "ort_floor",
-                                        "node_differing"]))
-                if "," in args.seeds:
-                    r["over_seeds"] = over_seeds(r["rows"])
-                    print(f"\nover seeds {args.seeds} (mean, min..max):")
-                    print(table(r["over_seeds"], ["config", "form", "n", "drop_pt", "drop_range", "agreement",
-                                                  "agreement_range", "qat_s"]))
-                save(args.out, {"machine": machine(), "results": results, "seconds": round(time.perf_counter() - t0)})
+    with test_image_grid(args.sizes, args.backbones) as grid:
+        for tmp, test_dir, size, name in grid:
+            r = bench(name, size, args.steps, args.scales.split(","), test_dir, tmp, results, args.out,
+                      [x for x in args.lrs.split(",") if x],
+                      ("tensorrt", "cpu") if args.form == "both" else (args.form,), not args.no_ptq,
+                      args.centre, tuple(a == "on" for a in args.augment.split(",")),
+                      tuple(args.ema.split(",")), tuple(int(x) for x in args.seeds.split(",")),
+                      not args.no_torch_match)
+            results.append(r)
+            r["centre"] = args.centre or "default"
+            print(f"\n== {name} @ {size}px, {r['test_images']} test images: "
+                  f"PyTorch FP32 top-1 {r['torch_top1']:.4f}, --centre {r['centre']}")
+            print(table(r["rows"], ["config", "form", "top1", "drop_pt", "agreement", "val_drop_pt", "qat_s",
+                                    "export_s", "peak_mib", "torch_agreement", "torch_max_diff", "ort_floor",
+                                    "node_differing"]))
+            if "," in args.seeds:
+                r["over_seeds"] = over_seeds(r["rows"])
+                print(f"\nover seeds {args.seeds} (mean, min..max):")
+                print(table(r["over_seeds"], ["config", "form", "n", "drop_pt", "drop_range", "agreement",
+                                              "agreement_range", "qat_s"]))
+            save(args.out, {"machine": machine(), "results": results, "seconds": round(time.perf_counter() - t0)})
     print(f"\nwrote {save(args.out, {'machine': machine(), 'results': results, 'seconds': round(time.perf_counter() - t0)})}")
 
 
