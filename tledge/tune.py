@@ -27,7 +27,7 @@ from torch import nn
 
 import tledge
 from tledge import backbones, card as card_mod
-from tledge.console import err, note, progress, warn
+from tledge.console import err, note, progress, status, warn
 from tledge.data import ScanReport, format_report, scan, write_index
 from tledge.distributed import Dist, maybe_inject_fault
 from tledge.errors import NumericsError, RunDirError, UsageError
@@ -465,7 +465,8 @@ def run_tune(data_dir: str | Path, out_dir: str | Path, cfg: TuneConfig, resume:
     for name, value in (("--lr", cfg.lr), ("--ft-lr", cfg.ft_lr)):
         if not value > 0:
             raise UsageError(f"{name} {value} is not a positive learning rate.", f"pass e.g. {name} 1e-3.")
-    preflight(spec, pre, cfg)
+    with status(f"checking that {spec.name} at {pre.crop} px fits in this machine's memory"):
+        preflight(spec, pre, cfg)
     if d.is_main:
         _prepare_run_dir(out, overwrite)
     d.barrier()
