@@ -45,9 +45,12 @@ def graph_logits(path: Path, ev, optimize: bool) -> np.ndarray:
     import onnx
 
     from tledge.export import ort
-    x = np.asarray(ev.x)
-    q = onnx.load(str(path))
-    return ort.logits(q, (ev.pre.finish(x[i:i + 100]) for i in range(0, len(x), 100)), threads=2, optimize=optimize)
+    return ort.logits(onnx.load(str(path)), ev.batches(100), threads=2, optimize=optimize)
+
+
+def centred(v: np.ndarray) -> np.ndarray:
+    """Each row minus its mean: what softmax and top-1 see of the logits (a shift of all of them changes neither)."""
+    return v - v.mean(1, keepdims=True)
 
 
 def kl(t: np.ndarray, z: np.ndarray) -> float:
@@ -75,12 +78,9 @@ def analyse(label: str, z: np.ndarray, z0: np.ndarray, ref: np.ndarray) -> dict:
             "unstable": round(float(unstable.mean()), 4),
             "disagreements": int(disagree.sum()), "disagreements_unstable": int((disagree & unstable).sum()),
             "logit_mse": round(float(((z - ref) ** 2).mean()), 5),
-            # softmax and top-1 do not see a shift of all of an image's logits; these two do not either
-            "centred_logit_mse": round(float((((z - z.mean(1, keepdims=True)) - (ref - ref.mean(1, keepdims=True))) ** 2
-                                              ).mean()), 5),
+            "centred_logit_mse": round(float(((centred(z) - centred(ref)) ** 2).mean()), 5),
             "kl_fp32_to_graph": round(float(kl(ref, z)), 5),
-            "centred_mse_optimised_vs_reference": round(float((((z - z.mean(1, keepdims=True))
-                                                                - (z0 - z0.mean(1, keepdims=True))) ** 2).mean()), 5),
+            "centred_mse_optimised_vs_reference": round(float(((centred(z) - centred(z0)) ** 2).mean()), 5),
             "median_margin_of_disagreements": round(float(np.median(m[disagree])), 3) if disagree.any() else None,
             "per_margin": per_bucket}
 
