@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from tledge.console import progress
+from tledge.console import progress, status
 from tledge.export.config import ExportConfig
 from tledge.export.graph import attr
 from tledge.export.int8.context import FormState, Int8Context, torch_threads
@@ -152,7 +152,9 @@ def adaround(model: Any, batches: list[np.ndarray], iters: int = 2000, max_layer
     zeta, gamma = 1.1, -0.1
     out: dict[str, np.ndarray] = {}
     layers: list[dict[str, Any]] = []
-    with torch_threads(), torch.no_grad():
+    # ranking the layers by nearest rounding's error: one FP32 pass per group of layers (5-6 s at 224 px), a bar
+    with torch_threads(), torch.no_grad(), progress() as prog:
+        task = prog.add_task("learned rounding: ranking layers", total=len(nodes), info="")
         for group in io_groups(nodes, per_image, score_img, cap):
             io = layer_io(model, group, passes(group, score_img), threads)
             for n in group:
@@ -162,6 +164,7 @@ def adaround(model: Any, batches: list[np.ndarray], iters: int = 2000, max_layer
                 wq = torch.from_numpy((q.astype(np.float32) * per_channel(s, w.ndim, axis)).astype(np.float32))
                 cost[n.name] = float((fwd(x, wq) - y).pow(2).mean() / (y.var() + 1e-12))
             del io
+            prog.advance(task, len(group))
     costly = sorted((n for n in nodes if cost[n.name] >= min_rel_error), key=lambda n: (-cost[n.name], n.name))
     chosen = costly[:max_layers]
     g = torch.Generator().manual_seed(seed)
@@ -254,7 +257,8 @@ class LearnedRounding:
             # weights. When even those (activations INT8) miss the target on the judge images, its minutes
             # are not spent (--escalate on still learns). Measured on the demo at 224 px: learned once for
             # both forms, 191 s of a 430 s export, and the TensorRT form did not keep it.
-            bound = ctx.weight_bound(state)
+            with status(f"learned rounding ({state.form}): the judge images with every weight in FP32"):
+                bound = ctx.weight_bound(state)
             if bound["agreement"] < q.target_agreement:
                 return PassRecord(self.name, state.form, "not learned",
                                   f"with every weight in FP32 (activations INT8) the judge images agree with FP32 "

@@ -26,9 +26,11 @@ from tledge.export.int8.select import best_of, fmt_scores
 from tledge.export.ort import probe_session
 
 
-def channel_means(model: Any, batches: Iterable[np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
+def channel_means(model: Any, batches: Iterable[np.ndarray], threads: int | None = None,
+                  advance: Callable[[int], Any] | None = None) -> dict[str, np.ndarray]:
     """Mean of every Conv/Gemm input over the images, per channel and position (C, H, W), so the
-    correction also holds at borders, where the kernel sees padding (one FP32 pass)."""
+    correction also holds at borders, where the kernel sees padding (one FP32 pass). ``advance(n)`` after each
+    batch of n images (a progress bar)."""
     names = sorted({n.input[0] for n in weighted_nodes(model)})
     sess, inp = probe_session(model, names, threads)
     sums: dict[str, np.ndarray] = {}
@@ -37,6 +39,8 @@ def channel_means(model: Any, batches: Iterable[np.ndarray], threads: int | None
         for n, v in zip(names, sess.run(names, {inp: x})):
             sums[n] = sums.get(n, 0) + v.sum(axis=0).astype(np.float64)
         count += len(x)
+        if advance is not None:
+            advance(len(x))
     return {n: s / max(count, 1) for n, s in sums.items()}
 
 
@@ -351,9 +355,12 @@ class BiasCorrection:
         return True, f"--bias-correction {mode}"
 
     def _analytic(self, state: FormState, ctx: Int8Context) -> tuple[Any, dict[str, Any]]:
-        if "means" not in ctx.cache:
-            ctx.cache["means"] = channel_means(ctx.base, [ctx.fit[i:i + 16] for i in range(0, len(ctx.fit), 16)],
-                                               ctx.threads)
+        if "means" not in ctx.cache:  # one FP32 pass over the fit images (2-3 s at 224 px: a bar, not silence)
+            from tledge.console import progress
+            with progress() as prog:
+                task = prog.add_task("FP32 channel means (analytic bias correction)", total=len(ctx.fit), info="")
+                ctx.cache["means"] = channel_means(ctx.base, [ctx.fit[i:i + 16] for i in range(0, len(ctx.fit), 16)],
+                                                   ctx.threads, lambda n: prog.advance(task, n))
         return bias_correct(state.model, ctx.cache["means"], state.rounding or None)
 
     def _empirical(self, state: FormState, ctx: Int8Context, depth: int | None = None) -> tuple[Any, dict[str, Any]]:
