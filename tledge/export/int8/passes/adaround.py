@@ -257,7 +257,7 @@ class LearnedRounding:
             # weights. When even those (activations INT8) miss the target on the judge images, its minutes
             # are not spent (--escalate on still learns). Measured on the demo at 224 px: learned once for
             # both forms, 191 s of a 430 s export, and the TensorRT form did not keep it.
-            with status(f"learned rounding ({state.form}): the judge images with every weight in FP32"):
+            with status(f"INT8 {state.form}: learned rounding's bound, the judge images with every weight in FP32"):
                 bound = ctx.weight_bound(state)
             if bound["agreement"] < q.target_agreement:
                 return PassRecord(self.name, state.form, "not learned",
