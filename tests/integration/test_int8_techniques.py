@@ -81,8 +81,16 @@ def test_bias_correction_removes_each_layers_mean_output_error(default_run_64: P
     onnx_io.export(load_classifier(run), card, run / "model.onnx")
     fp32 = onnx.load(str(run / "model.onnx"))
     x = _calib(card_mod.preprocess_of(card))
-    bc, info = bc_mod.bias_correct(fp32, bc_mod.channel_means(fp32, [x]))
+    means = bc_mod.channel_means(fp32, [x])
+    bc, info = bc_mod.bias_correct(fp32, means)
     assert info["layers"] == 53
+    # in batches with a progress callback (the export's bar): every image counted once, the same means
+    seen: list[int] = []
+    half = len(x) // 2
+    again = bc_mod.channel_means(fp32, [x[:half], x[half:]], advance=seen.append)
+    assert seen == [half, len(x) - half] and again.keys() == means.keys()
+    for k in means:
+        np.testing.assert_allclose(again[k], means[k], rtol=1e-5, atol=1e-6)
     nodes = weighted_nodes(fp32)
     io = ada_mod.layer_io(fp32, nodes, [x])
     old = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}

@@ -152,7 +152,7 @@ def adaround(model: Any, batches: list[np.ndarray], iters: int = 2000, max_layer
     zeta, gamma = 1.1, -0.1
     out: dict[str, np.ndarray] = {}
     layers: list[dict[str, Any]] = []
-    # ranking the layers by nearest rounding's error: one FP32 pass per group of layers (5-6 s at 224 px), a bar
+    # ranking the layers by nearest rounding's error (one FP32 pass per group of layers), under a bar
     with torch_threads(), torch.no_grad(), progress() as prog:
         task = prog.add_task("learned rounding: ranking layers", total=len(nodes), info="")
         for group in io_groups(nodes, per_image, score_img, cap):
