@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from tledge.console import progress
 from tledge.export.config import ExportConfig
 from tledge.export.graph import attr, consumers_of, copy_model, weighted_nodes
 from tledge.export.int8.context import FormState, Int8Context, torch_threads
@@ -299,7 +300,6 @@ def empirical_bias_correct(model: Any, quantize: Callable[[Any], Any], batch: np
     1.5-9x worse than no correction (a channel's mean moved across ReLU6's threshold, whose downstream
     weights FP32 never exercises on these images). The logits decide, not each layer's own error.
     ``depth`` (--replay): correct exactly that many layers, nothing scored."""
-    from tledge.console import progress
     from tledge.export import ort
 
     with progress() as prog:
@@ -356,7 +356,6 @@ class BiasCorrection:
 
     def _analytic(self, state: FormState, ctx: Int8Context) -> tuple[Any, dict[str, Any]]:
         if "means" not in ctx.cache:  # one FP32 pass over the fit images (2-3 s at 224 px: a bar, not silence)
-            from tledge.console import progress
             with progress() as prog:
                 task = prog.add_task("FP32 channel means (analytic bias correction)", total=len(ctx.fit), info="")
                 ctx.cache["means"] = channel_means(ctx.base, [ctx.fit[i:i + 16] for i in range(0, len(ctx.fit), 16)],
